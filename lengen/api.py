@@ -1,0 +1,298 @@
+"""The public contracts that architecture, dataset and metric plugins implement.
+
+Nothing here imports torch: configs and specs must be importable by ``lengen plugins``
+and ``lengen --help``. The model code a plugin builds lives in its own module.
+
+Architecture
+    Subclass :class:`Architecture`, give it a :class:`ArchConfig` subclass, and return an
+    ``nn.Module`` from ``build``. The module's ``forward(input_ids, state=None)`` returns
+    ``(logits, state)`` or an :class:`Output` (which adds auxiliary losses and per-token
+    compute statistics). ``input_ids`` is ``[batch, time]`` int64, ``logits`` is
+    ``[batch, time, vocab]``; position ``t``'s logits may depend only on tokens ``<= t``
+    and on ``state``. Passing the returned state back in continues the same streams.
+
+Dataset
+    Subclass :class:`Dataset`; ``load(config, ctx)`` returns a :class:`Corpus` whose train
+    and eval :class:`Split` s are deterministic functions of the config and ``ctx.seed``.
+
+Metric
+    Subclass :class:`Metric`; ``compute(scores, config, ctx)`` turns per-token NLL,
+    correctness and annotations into :class:`Value` s and :class:`Series` with intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+# ---------------------------------------------------------------------------------------
+# configs
+
+
+class StrictConfig(BaseModel):
+    """A typed config that rejects unknown keys; fields document themselves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+
+class ArchConfig(StrictConfig):
+    """Base class of architecture configs."""
+
+
+class DatasetConfig(StrictConfig):
+    """Base class of dataset configs."""
+
+
+class MetricConfig(StrictConfig):
+    """Base class of metric configs."""
+
+
+def config_hash(obj: Any) -> str:
+    """Short, stable hash of a JSON-able object (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# architectures
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What the harness knows when it builds a model."""
+
+    vocab_size: int
+    window: int  # the benchmark's training window W
+
+
+@dataclass
+class ParamGroup:
+    """An optimizer parameter group an architecture asks for.
+
+    ``update_every=n`` accumulates this group's gradients over ``n`` optimizer steps and
+    applies them on every n-th step (the CMS-LSTM's slow levels); ``lr_scale`` multiplies
+    the benchmark's learning rate; ``weight_decay=None`` keeps the benchmark's value.
+    """
+
+    params: list
+    name: str = "default"
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    update_every: int = 1
+
+
+@dataclass
+class Output:
+    """What a model's forward may return instead of a ``(logits, state)`` tuple.
+
+    ``aux_losses``: named scalar losses, already weighted, added to the training loss and
+    reported apart from the language-modelling loss. ``stats``: named per-token tensors
+    ``[batch, time]`` (e.g. inner iterations, FLOPs) averaged and recorded at evaluation.
+    """
+
+    logits: Any
+    state: Any = None
+    aux_losses: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def as_output(ret: Any) -> Output:
+    if isinstance(ret, Output):
+        return ret
+    if isinstance(ret, tuple) and len(ret) == 2:
+        return Output(ret[0], ret[1])
+    raise TypeError(
+        "a model's forward must return (logits, state) or lengen.api.Output, "
+        f"got {type(ret).__name__}"
+    )
+
+
+class Architecture(ABC):
+    """Base class of architecture plugins (subclass; instantiated without arguments)."""
+
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[ArchConfig]] = ArchConfig
+    #: bump when the model's computation changes: older results become stale
+    version: ClassVar[str] = "1"
+    #: forward takes and returns a state that carries context across calls
+    stateful: ClassVar[bool] = False
+    #: the state may be carried across consecutive training windows (truncated backprop)
+    train_state_passing: ClassVar[bool] = False
+    #: evaluation must run with autograd enabled (e.g. an inner loop using autograd)
+    grad_in_eval: ClassVar[bool] = False
+
+    @abstractmethod
+    def build(self, config: ArchConfig, ctx: BuildContext):  # -> torch.nn.Module
+        """Return the ``nn.Module`` for ``config`` (randomly initialised)."""
+
+    def param_groups(self, model, config: ArchConfig) -> list[ParamGroup] | None:
+        """Own optimizer groups and update schedule; ``None`` uses the harness's default
+        (weight decay on matrices, none on vectors)."""
+        return None
+
+    def flops_per_token(self, model, config: ArchConfig, seq_len: int) -> float | None:
+        """Analytic forward FLOPs per token, for models whose compute the FLOP counter
+        cannot see (data-dependent loops). ``None``: measure with the FLOP counter."""
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# datasets
+
+
+@dataclass
+class Split:
+    """A token stream: documents concatenated, with where each starts.
+
+    ``annotations`` holds per-token arrays aligned with ``tokens`` (for the synthetic
+    language: ``optimal_nll``, ``recall_kind``, ``recall_distance``).
+    """
+
+    tokens: Any  # np.ndarray[int]
+    doc_starts: Any  # np.ndarray[int64], sorted, doc_starts[0] == 0
+    annotations: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def documents(self):
+        """Yield ``(start, end)`` of each document."""
+        starts = list(self.doc_starts) + [len(self.tokens)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            yield int(a), int(b)
+
+
+@dataclass
+class Corpus:
+    train: Split
+    eval: Split
+    vocab_size: int
+    fingerprint: str  # changes whenever the token streams would change
+    tokenizer: dict = field(default_factory=dict)  # name, settings, hash
+    info: dict = field(default_factory=dict)  # anything worth recording
+    decode: Any = None  # optional: list[int] -> str
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What the harness tells a dataset when it loads it."""
+
+    seed: int
+    window: int
+    eval_length: int  # the longest evaluation sequence, in predicted tokens
+    eval_sequences: int  # how many evaluation sequences the benchmark wants
+    train_tokens: int  # how many training tokens the run will consume (a hint)
+    cache_dir: Path
+    data_dir: Path | None = None
+    tokenizer: dict | None = None
+
+
+class Dataset(ABC):
+    """Base class of dataset plugins."""
+
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[DatasetConfig]] = DatasetConfig
+    version: ClassVar[str] = "1"
+
+    @abstractmethod
+    def load(self, config: DatasetConfig, ctx: DataContext) -> Corpus:
+        """Return the train and eval streams for ``config`` and ``ctx``."""
+
+
+# ---------------------------------------------------------------------------------------
+# metrics
+
+
+@dataclass
+class Value:
+    """A measured value with its interval and the standard error it came with."""
+
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    stderr: float | None = None
+    n: int | None = None  # how many units the interval is over (sequences, answers)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Series:
+    """A curve: ``values[i]`` measured at ``x[i]`` (in units of ``x_unit``)."""
+
+    x: list[float]
+    values: list[Value]
+    x_unit: str = "W"
+
+    def as_dict(self) -> dict:
+        return {"x": list(self.x), "x_unit": self.x_unit, "values": [v.as_dict() for v in self.values]}
+
+
+@dataclass
+class Scores:
+    """Per-token results of one evaluation, ``[n_sequences, length]`` arrays.
+
+    Column ``j`` is the prediction of the token at position ``p = j + 1``, made from the
+    ``p`` tokens before it (the first of which is the start of the sequence).
+    """
+
+    nll: Any  # float64 natural-log loss
+    correct: Any  # bool, argmax == target
+    annotations: dict[str, Any]
+    mode: str = "full"
+
+    @property
+    def length(self) -> int:
+        return self.nll.shape[1]
+
+
+@dataclass(frozen=True)
+class MetricContext:
+    window: int
+    positions: tuple[int, ...]  # multiples of W to report
+    bucket: int  # tokens per position bucket
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    info: dict = field(default_factory=dict)  # the corpus's info (e.g. chance_recall)
+
+    def label(self, k: float) -> str:
+        """``1`` -> ``"1W"``, ``0.5`` -> ``"0.5W"``."""
+        return f"{int(k) if float(k).is_integer() else k}W"
+
+
+class Metric(ABC):
+    """Base class of metric plugins."""
+
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[MetricConfig]] = MetricConfig
+    version: ClassVar[str] = "1"
+    #: annotation names the metric needs; without them it is skipped (and says so)
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext) -> dict[str, Value | Series]:
+        """Named values and series computed from ``scores``."""
+
+
+def jsonable(obj: Any) -> Any:
+    """Metric results as plain JSON types."""
+    if isinstance(obj, (Value, Series)):
+        return obj.as_dict()
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

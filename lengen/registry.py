@@ -1,0 +1,141 @@
+"""Typed registries that plugins fill through the ``lengen_register_*`` hooks.
+
+A registry maps a name to an :class:`Entry`. The target of an entry is either the object
+itself or a ``"module:attr"`` string that is imported only when the component is used, so
+that listing plugins or printing the leaderboard never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from lengen.errors import DuplicateComponentError, LengenError, UnknownComponentError, did_you_mean
+
+KINDS = {
+    "architectures": "architecture",
+    "datasets": "dataset",
+    "metrics": "metric",
+    "benchmarks": "benchmark",
+}
+
+
+@dataclass
+class Entry:
+    """One registered component and where it came from."""
+
+    name: str
+    kind: str
+    target: Any
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+    plugin: str = "?"
+    distribution: str | None = None
+    version: str | None = None
+    _loaded: Any = field(default=None, repr=False)
+
+    @property
+    def origin(self) -> str:
+        dist = f" from {self.distribution} {self.version}" if self.distribution else ""
+        return f"plugin {self.plugin!r}{dist}"
+
+    def load(self) -> Any:
+        """The component object; a ``"module:attr"`` target is imported on first use."""
+        if self._loaded is None:
+            target = self.target
+            if isinstance(target, str):
+                module_name, _, attr = target.partition(":")
+                try:
+                    obj = importlib.import_module(module_name)
+                    for part in attr.split(".") if attr else []:
+                        obj = getattr(obj, part)
+                except Exception as exc:  # noqa: BLE001 - report any import failure as one line
+                    raise LengenError(
+                        f"{self.kind} {self.name!r} ({self.origin}) failed to load {target!r}: "
+                        f"{type(exc).__name__}: {exc}; reinstall the plugin or disable it with "
+                        f"LENGEN_DISABLE_PLUGINS={self.plugin}"
+                    ) from exc
+                target = obj
+            if isinstance(target, type):
+                target = target()
+            self._loaded = target
+        return self._loaded
+
+
+class Registry:
+    """Name -> :class:`Entry` for one kind of component.
+
+    ``add`` is what plugins call. A second registration of a taken name is recorded as a
+    conflict: it is reported against the second plugin, and looking the name up raises an
+    error naming both plugins, so neither silently wins.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        self._conflicts: dict[str, list[Entry]] = {}
+        self._plugin: Any = None  # PluginInfo of the plugin whose hook is running
+
+    def add(self, name: str, target: Any, *, description: str = "", defaults: dict | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise LengenError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        info = self._plugin
+        entry = Entry(
+            name=name,
+            kind=self.kind,
+            target=target,
+            description=description or _doc_line(target),
+            defaults=dict(defaults or {}),
+            plugin=getattr(info, "name", "?"),
+            distribution=getattr(info, "distribution", None),
+            version=getattr(info, "version", None),
+        )
+        if name in self._entries:
+            first = self._entries[name]
+            self._conflicts.setdefault(name, [first]).append(entry)
+            message = self._duplicate_message(name)
+            if info is not None:
+                info.errors.append(message)
+            return
+        self._entries[name] = entry
+        if info is not None:
+            info.components.setdefault(self.kind, []).append(name)
+
+    def _duplicate_message(self, name: str) -> str:
+        who = " and ".join(e.origin for e in self._conflicts[name])
+        later = self._conflicts[name][-1].plugin
+        return (
+            f"duplicate {self.kind} {name!r}: registered by {who}; rename one, or disable "
+            f"one with LENGEN_DISABLE_PLUGINS={later}"
+        )
+
+    def get(self, name: str) -> Entry:
+        if name in self._conflicts:
+            raise DuplicateComponentError(self._duplicate_message(name))
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownComponentError(did_you_mean(name, self._entries, kind=self.kind)) from None
+
+    def load(self, name: str) -> Any:
+        return self.get(name).load()
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries[n] for n in self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _doc_line(target: Any) -> str:
+    doc = getattr(target, "description", None) or getattr(target, "__doc__", None)
+    if isinstance(doc, str) and doc.strip():
+        return doc.strip().splitlines()[0]
+    return ""

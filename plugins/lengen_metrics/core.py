@@ -1,0 +1,134 @@
+"""The core metrics.
+
+Position bucket: ``ppl@kW`` is the perplexity of the ``bucket`` tokens *ending* at position
+k x W, i.e. positions ``kW - bucket + 1 .. kW`` (1-based; position p is predicted from the p
+tokens before it), pooled over evaluation sequences. Intervals are percentile bootstraps
+over sequences; accuracies use Wilson intervals over answers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from lengen.api import Metric, MetricConfig, MetricContext, Scores, Series, Value
+from lengen.stats import bootstrap_mean, bootstrap_ppl, bootstrap_ppl_ratio, wilson
+
+
+def _bucket_columns(k: float, ctx: MetricContext, length: int) -> slice:
+    end = int(round(k * ctx.window))
+    end = min(end, length)
+    return slice(max(0, end - ctx.bucket), end)
+
+
+def _boot_kwargs(ctx: MetricContext, salt: int = 0) -> dict:
+    return {"samples": ctx.bootstrap, "confidence": ctx.confidence, "seed": ctx.seed + salt}
+
+
+class PositionPerplexity(Metric):
+    """Perplexity at k x W, by position, whole-sequence, and degradation ratios to 1 x W."""
+
+    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
+        nll, L = scores.nll, scores.length
+        out: dict = {}
+        cols = {k: _bucket_columns(k, ctx, L) for k in ctx.positions}
+        for i, (k, c) in enumerate(cols.items()):
+            out[f"ppl@{ctx.label(k)}"] = bootstrap_ppl(nll[:, c].sum(1), np.full(len(nll), c.stop - c.start),
+                                                       **_boot_kwargs(ctx, i))
+        ref = _bucket_columns(1, ctx, L)
+        for i, (k, c) in enumerate(cols.items()):
+            if k == 1:
+                continue
+            out[f"ppl_ratio@{ctx.label(k)}"] = bootstrap_ppl_ratio(
+                nll[:, c].sum(1), np.full(len(nll), c.stop - c.start),
+                nll[:, ref].sum(1), np.full(len(nll), ref.stop - ref.start), **_boot_kwargs(ctx, 100 + i))
+        out["ppl"] = bootstrap_ppl(nll.sum(1), np.full(len(nll), L), **_boot_kwargs(ctx, 200))
+        xs, vals = [], []
+        for j, end in enumerate(range(ctx.bucket, L + 1, ctx.bucket)):
+            c = slice(end - ctx.bucket, end)
+            xs.append(end / ctx.window)
+            vals.append(bootstrap_ppl(nll[:, c].sum(1), np.full(len(nll), ctx.bucket),
+                                      **_boot_kwargs(ctx, 1000 + j)))
+        out["ppl_by_position"] = Series(xs, vals)
+        return out
+
+
+class RecallConfig(MetricConfig):
+    edges: list[float] = Field([0, 0.25, 0.5, 1, 2, 5, 10, 20],
+                               description="distance bin edges in multiples of W (last bin is open)")
+
+
+class RecallByDistance(Metric):
+    """Accuracy on recall answers, by distance to the answer's last statement."""
+
+    Config = RecallConfig
+    requires = ("recall_kind", "recall_distance")
+    KINDS = {"": (1, 2), "_recent": (1,), "_keyed": (2,)}
+
+    def compute(self, scores: Scores, config: RecallConfig, ctx: MetricContext):
+        kind = scores.annotations["recall_kind"]
+        dist = scores.annotations["recall_distance"]
+        W = ctx.window
+        out: dict = {}
+        chance = ctx.info.get("chance_recall")
+        if chance is not None:
+            out["recall_chance"] = Value(float(chance))
+        edges = [e * W for e in config.edges] + [np.inf]
+        for suffix, kinds in self.KINDS.items():
+            answer = np.isin(kind, kinds)
+            within = answer & (dist <= W)
+            beyond = answer & (dist > W)
+            out[f"recall{suffix}@<=W"] = wilson(int(scores.correct[within].sum()), int(within.sum()),
+                                                confidence=ctx.confidence)
+            out[f"recall{suffix}@>W"] = wilson(int(scores.correct[beyond].sum()), int(beyond.sum()),
+                                               confidence=ctx.confidence)
+            xs, vals = [], []
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                sel = answer & (dist > lo) & (dist <= hi)
+                if sel.any():
+                    xs.append(float(lo / W if np.isinf(hi) else hi / W))
+                    vals.append(wilson(int(scores.correct[sel].sum()), int(sel.sum()), confidence=ctx.confidence))
+            out[f"recall{suffix}_by_distance"] = Series(xs, vals)
+        return out
+
+
+class ExcessLoss(Metric):
+    """Model NLL minus the Bayes-optimal NLL, at k x W, by position and overall (nats/token)."""
+
+    requires = ("optimal_nll",)
+
+    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
+        excess = scores.nll - scores.annotations["optimal_nll"]
+        opt = scores.annotations["optimal_nll"].astype(np.float64)
+        L = scores.length
+        out: dict = {}
+        for i, k in enumerate(ctx.positions):
+            c = _bucket_columns(k, ctx, L)
+            n = np.full(len(excess), c.stop - c.start)
+            out[f"excess_nll@{ctx.label(k)}"] = bootstrap_mean(excess[:, c].sum(1), n, **_boot_kwargs(ctx, i))
+            out[f"ppl_optimal@{ctx.label(k)}"] = bootstrap_ppl(opt[:, c].sum(1), n, **_boot_kwargs(ctx, 50 + i))
+        out["excess_nll"] = bootstrap_mean(excess.sum(1), np.full(len(excess), L), **_boot_kwargs(ctx, 99))
+        xs, vals = [], []
+        for j, end in enumerate(range(ctx.bucket, L + 1, ctx.bucket)):
+            c = slice(end - ctx.bucket, end)
+            xs.append(end / ctx.window)
+            vals.append(bootstrap_mean(excess[:, c].sum(1), np.full(len(excess), ctx.bucket),
+                                       **_boot_kwargs(ctx, 1000 + j)))
+        out["excess_nll_by_position"] = Series(xs, vals)
+        return out
+
+
+class UnigramReference(Metric):
+    """Perplexity a unigram model fit on the training split gets on the same tokens."""
+
+    requires = ("unigram_nll",)
+
+    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
+        uni = scores.annotations["unigram_nll"].astype(np.float64)
+        out: dict = {}
+        for i, k in enumerate(ctx.positions):
+            c = _bucket_columns(k, ctx, scores.length)
+            out[f"ppl_unigram@{ctx.label(k)}"] = bootstrap_ppl(
+                uni[:, c].sum(1), np.full(len(uni), c.stop - c.start), **_boot_kwargs(ctx, i))
+        out["ppl_unigram"] = bootstrap_ppl(uni.sum(1), np.full(len(uni), scores.length), **_boot_kwargs(ctx, 99))
+        return out

@@ -1,0 +1,139 @@
+"""The command line end to end: a tiny run, the leaderboard contract, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lengen.cli import make_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    """One real (very short) `lengen run --arch sw`, shared by the tests below."""
+    results = tmp_path_factory.mktemp("results")
+    args = ["run", "--arch", "sw", "--results", str(results), "--steps", "4",
+            "--set", "eval.sequences=6", "--set", "eval.bootstrap=50", "--set", "data.train_tokens=20000",
+            "--set", "eval.batch_size=4"]
+    res = CliRunner().invoke(make_cli(), args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return results, res
+
+
+def test_run_writes_record_checkpoint_plot(tiny_results):
+    results, res = tiny_results
+    (run_dir,) = [p for p in results.iterdir() if p.is_dir()]
+    rec = json.loads((run_dir / "sw" / "seed0" / "record.json").read_text())
+    assert (run_dir / "sw" / "seed0" / "model.safetensors").stat().st_size > 0
+    assert (run_dir / "ppl_by_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished" and run["records"] == ["sw/seed0/record.json"]
+    # provenance
+    prov = rec["provenance"]
+    assert prov["lengen_version"] and prov["packages"]["torch"] and prov["device"]["type"] == "cpu"
+    assert prov["precision"] == "fp32" and "git" in prov
+    assert rec["dataset"]["fingerprint"] and rec["model"]["config_hash"] and rec["suite_hash"]
+    assert rec["model"]["distribution"] == "lengen" and rec["model"]["plugin"] == "sw"
+    assert rec["train"]["steps"] == 4 and rec["train"]["tokens"] == 4 * 32 * 64
+    assert rec["protocol"] == {**rec["protocol"], "window": 64, "eval_length": 1280, "mode": "full"}
+    # metrics with intervals
+    for k in (1, 2, 5, 10, 20):
+        v = rec["metrics"][f"ppl@{k}W"]
+        assert v["ci_low"] <= v["value"] <= v["ci_high"]
+    assert {"recall@<=W", "recall@>W", "excess_nll@1W", "ppl_unigram@1W", "ppl_optimal@1W"} <= set(rec["metrics"])
+    assert len(rec["series"]["ppl_by_position"]["x"]) == 1280 // 16
+    assert "results:" in res.output
+
+
+def test_leaderboard_json_contract(tiny_results):
+    results, _ = tiny_results
+    res = CliRunner().invoke(make_cli(), ["leaderboard", "--results", str(results), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert isinstance(rows, list) and len(rows) == 1
+    row = rows[0]
+    assert (row["benchmark"], row["arch"], row["mode"], row["n_seeds"]) == ("tiny", "sw", "full", 1)
+    for k in ("1W", "2W", "5W", "10W", "20W"):
+        cell = row[f"ppl@{k}"]
+        assert set(cell) == {"value", "ci_low", "ci_high"}
+        assert cell["ci_low"] <= cell["value"] <= cell["ci_high"]
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "csv"])
+def test_leaderboard_formats(tiny_results, fmt):
+    results, _ = tiny_results
+    res = CliRunner().invoke(make_cli(), ["leaderboard", "--results", str(results), "--format", fmt])
+    assert res.exit_code == 0, res.output
+    assert "sw" in res.output and "ppl@20W" in res.output
+
+
+def test_leaderboard_sort_unknown_column(tiny_results):
+    results, _ = tiny_results
+    res = CliRunner().invoke(make_cli(), ["leaderboard", "--results", str(results), "--sort", "ppl@20"])
+    assert res.exit_code != 0
+    assert "Did you mean 'ppl@20W'" in res.output
+
+
+def test_unknown_arch_did_you_mean(tmp_path):
+    res = CliRunner().invoke(make_cli(), ["run", "--arch", "nope", "--results", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "Error: unknown architecture 'nope'." in res.output and "Available: " in res.output
+    assert "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []  # nothing started
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--window", "0"], "window must be a positive number of tokens"),
+    (["--set", "eval.length=0.5", "--set", "eval.positions=[0.5]"], "shorter than the training window"),
+    (["--set", "train.lr=-1"], "lr: Input should be greater than 0"),
+    (["--set", "arch.sw.d_modle=64"], "unknown key 'd_modle'; did you mean 'd_model'?"),
+    (["--set", "data.p_sett=0.1"], "unknown key 'p_sett'"),
+    (["-b", "tinyy"], "Did you mean 'tiny'?"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, expected):
+    res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "--results", str(tmp_path), *args])
+    assert res.exit_code == 2, res.output
+    assert expected in res.output
+    assert "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_malformed_benchmarks_file(tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text("[mine]\nwindow = 64\ntrain = {steps = }\n")
+    res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "-b", "mine", "--benchmarks-file", str(bad)])
+    assert res.exit_code == 2
+    assert f"Error: {bad}:3: malformed TOML" in res.output
+
+
+def test_window_longer_than_data_is_refused(tmp_path):
+    res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "--results", str(tmp_path), "--window", "64",
+                                          "--set", "data.train_tokens=10", "--set", "data.doc_length=10",
+                                          "--set", "eval.length=1", "--set", "eval.positions=[1]",
+                                          "--set", "train.steps=1"])
+    assert res.exit_code == 2, res.output
+    assert "shorter than the evaluation length" in res.output or "fewer than one window" in res.output
+
+
+def test_help_and_plugins_do_not_import_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom lengen.cli import make_cli\n"
+            "cli = make_cli()\n"
+            "for args in (['--help'], ['plugins'], ['list', 'archs'], ['leaderboard', '--results', '/nonexistent']):\n"
+            "    r = CliRunner().invoke(cli, args)\n"
+            "    assert r.exit_code == 0, (args, r.output)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plugins_command_lists_builtins():
+    res = CliRunner().invoke(make_cli(), ["plugins", "--json"])
+    infos = {i["name"]: i for i in json.loads(res.output)}
+    assert infos["sw"]["distribution"] == "lengen" and infos["sw"]["components"] == {"architecture": ["sw"]}
+    assert "lengen_register_architectures" in infos["sw"]["hooks"]
+
+
+def test_list_benchmarks():
+    res = CliRunner().invoke(make_cli(), ["list", "benchmarks", "--json"])
+    assert "tiny" in {i["name"] for i in json.loads(res.output)}

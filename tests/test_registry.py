@@ -1,0 +1,130 @@
+"""Plugin loading and the typed registries."""
+
+import pytest
+
+from lengen import hookimpl
+from lengen.errors import DuplicateComponentError, UnknownComponentError
+from lengen.plugins import PluginHost
+
+
+class ArchPlugin:
+    def __init__(self, *names):
+        self.names = names
+
+    @hookimpl
+    def lengen_register_architectures(self, registry):
+        for n in self.names:
+            registry.add(n, "lengen_sw.model:SlidingWindow", description=f"fake {n}")
+
+
+def test_builtins_are_entry_point_plugins():
+    host = PluginHost()
+    for name in ("sw", "synthetic", "metrics", "suites"):
+        info = host.infos[name]
+        assert info.status == "loaded", info.errors
+        assert info.distribution == "lengen"
+    assert "sw" in host.architectures
+    assert "synthetic" in host.datasets
+    assert {"ppl", "recall", "excess", "unigram"} <= set(host.metrics.names())
+    assert "tiny" in host.benchmarks
+    assert host.infos["sw"].components == {"architecture": ["sw"]}
+
+
+def test_unknown_name_did_you_mean():
+    host = PluginHost()
+    with pytest.raises(UnknownComponentError) as exc:
+        host.architectures.get("sww")
+    msg = str(exc.value)
+    assert "unknown architecture 'sww'" in msg
+    assert "Did you mean 'sw'" in msg
+    assert "Available: " in msg and "sw" in msg
+
+
+def test_duplicate_name_is_an_error_naming_both_plugins():
+    host = PluginHost(plugins=[("first", ArchPlugin("dup")), ("second", ArchPlugin("dup", "only2"))])
+    with pytest.raises(DuplicateComponentError) as exc:
+        host.architectures.get("dup")
+    msg = str(exc.value)
+    assert "plugin 'first'" in msg and "plugin 'second'" in msg
+    assert "LENGEN_DISABLE_PLUGINS=second" in msg
+    # the error is charged to the later plugin, whose other components still register
+    assert any("duplicate architecture 'dup'" in e for e in host.infos["second"].errors)
+    assert "only2" in host.architectures
+    assert "sw" in host.architectures
+
+
+def test_broken_entry_point_is_reported_and_others_work(fake_dist):
+    fake_dist("fakeplug-broken", {"fakebroken": "fakeplug_missing_module"})
+    host = PluginHost()
+    info = host.infos["fakebroken"]
+    assert info.status == "failed"
+    assert "ModuleNotFoundError" in info.errors[0]
+    assert "LENGEN_DISABLE_PLUGINS=fakebroken" in info.errors[0]
+    assert info.distribution == "fakeplug-broken"
+    assert "sw" in host.architectures  # built-ins unaffected
+
+
+def test_plugin_raising_in_hook_is_contained(fake_dist):
+    fake_dist("fakeplug-raises", {"fakeraises": "fakeplug_raises"}, {"fakeplug_raises.py": """
+        from lengen import hookimpl
+
+        @hookimpl
+        def lengen_register_architectures(registry):
+            raise RuntimeError("boom")
+    """})
+    host = PluginHost()
+    assert "sw" in host.architectures
+    assert any("RuntimeError: boom" in e for e in host.infos["fakeraises"].errors)
+
+
+def test_misspelt_hook_is_an_error(fake_dist):
+    fake_dist("fakeplug-typo", {"faketypo": "fakeplug_typo"}, {"fakeplug_typo.py": """
+        def lengen_register_archs(registry):
+            registry.add("typo-arch", "x:y")
+    """})
+    host = PluginHost()
+    info = host.infos["faketypo"]
+    assert info.status == "failed"
+    assert "'lengen_register_archs' is not a lengen hook" in info.errors[0]
+    assert "did you mean 'lengen_register_architectures'?" in info.errors[0]
+    assert "typo-arch" not in host.architectures
+    host.pm.check_pending()  # nothing unverified is left registered
+
+
+def test_disabled_plugins(monkeypatch):
+    monkeypatch.setenv("LENGEN_DISABLE_PLUGINS", "sw, metrics")
+    host = PluginHost()
+    assert host.infos["sw"].status == "disabled"
+    assert host.infos["metrics"].status == "disabled"
+    assert "sw" not in host.architectures
+    assert "synthetic" in host.datasets
+
+
+def test_lazy_target_import_error_is_one_line():
+    class Bad:
+        @hookimpl
+        def lengen_register_architectures(self, registry):
+            registry.add("bad", "no_such_module_xyz:Thing")
+
+    host = PluginHost(plugins=[("badplug", Bad())])
+    from lengen.errors import LengenError
+
+    with pytest.raises(LengenError) as exc:
+        host.architectures.load("bad")
+    assert "architecture 'bad'" in str(exc.value) and "badplug" in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_lifecycle_observer_failure_warns_not_raises():
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def lengen_run_start(self, event):
+            seen.append(event)
+            raise ValueError("observer bug")
+
+    host = PluginHost(load_entry_points=False, plugins=[("obs", Observer())])
+    with pytest.warns(UserWarning, match="observer bug"):
+        host.notify("lengen_run_start", "evt")
+    assert seen == ["evt"]

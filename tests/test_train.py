@@ -1,0 +1,115 @@
+"""The training loop: schedules, parameter groups, state passing, divergence."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from lengen.errors import ConfigError, TrainingDivergedError
+from lengen.suites import TrainSpec
+from lengen.testing import BigramLM, DecayLM, NaNLM, TinyConfig, TwoSpeedLM
+from lengen.api import BuildContext
+from lengen.train import WindowBatches, lr_factor, train
+
+TOKENS = np.random.default_rng(0).integers(0, 20, 5000)
+
+
+def spec(**kw):
+    base = dict(steps=8, batch_size=4, lr=1e-2, warmup=2, min_lr_ratio=0.1)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    s = spec(steps=100, warmup=10)
+    f = [lr_factor(i, s) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_random_windows_are_deterministic():
+    a = WindowBatches(TOKENS, 16, 4, seed=1, state_passing=False)
+    b = WindowBatches(TOKENS, 16, 4, seed=1, state_passing=False)
+    for _ in range(3):
+        (x, _), (y, _) = a.next(), b.next()
+        assert torch.equal(x, y) and x.shape == (4, 17)
+
+
+def test_state_passing_lanes_walk_contiguously():
+    w = WindowBatches(TOKENS, 16, 4, seed=0, state_passing=True)
+    lane = len(TOKENS) // 4
+    x0, reset0 = w.next()
+    x1, reset1 = w.next()
+    assert reset0 and not reset1
+    for r in range(4):
+        assert torch.equal(x0[r], torch.from_numpy(TOKENS[r * lane: r * lane + 17]))
+        assert torch.equal(x1[r], torch.from_numpy(TOKENS[r * lane + 16: r * lane + 33]))
+        assert x1[r, 0] == x0[r, -1]  # the next window continues where the last one ended
+
+
+def test_window_longer_than_data():
+    with pytest.raises(ConfigError, match="fewer than one window"):
+        WindowBatches(TOKENS[:10], 16, 4, seed=0, state_passing=False)
+
+
+def run(arch, s, **kw):
+    torch.manual_seed(0)
+    model = arch.build(TinyConfig(), BuildContext(vocab_size=20, window=16))
+    res = train(model, arch, TinyConfig(), TOKENS, s, window=16, seed=0, accelerator=Accelerator(cpu=True), **kw)
+    return model, res
+
+
+def test_training_reduces_loss_and_reports():
+    _, res = run(BigramLM(), spec(steps=60))
+    assert res.losses[0]["loss"] > res.final_loss
+    assert res.tokens == 60 * 4 * 16 and res.tokens_per_s > 0
+    assert not res.state_passing
+
+
+def test_update_every_applies_slow_group_on_schedule():
+    arch = TwoSpeedLM()
+    snapshots = []
+    model_holder = {}
+
+    def on_step(step, info):
+        m = model_holder["m"]
+        snapshots.append((m.embed.weight.detach().clone(), m.out.weight.detach().clone()))
+        assert "l2" in info  # auxiliary loss reported apart
+
+    torch.manual_seed(0)
+    model = arch.build(TinyConfig(), BuildContext(vocab_size=20, window=16))
+    model_holder["m"] = model
+    before = model.out.weight.detach().clone()
+    res = train(model, arch, TinyConfig(), TOKENS, spec(steps=8), window=16, seed=0,
+                accelerator=Accelerator(cpu=True), on_step=on_step)
+    outs = [before] + [s[1] for s in snapshots]
+    changed = [not torch.equal(outs[i], outs[i + 1]) for i in range(8)]
+    assert changed == [False, False, False, True, False, False, False, True]
+    embeds = [s[0] for s in snapshots]
+    assert all(not torch.equal(embeds[i], embeds[i + 1]) for i in range(7))
+    assert {g["name"]: g["update_every"] for g in res.groups} == {"fast": 1, "slow": 4}
+    assert "l2" in res.losses[0]
+
+
+def test_state_passing_is_used_and_recorded():
+    _, res = run(DecayLM(), spec(steps=4, state_passing=True))
+    assert res.state_passing
+    _, res = run(BigramLM(), spec(steps=2, state_passing=True))
+    assert not res.state_passing  # the architecture does not support it
+
+
+def test_nan_loss_is_a_clear_error():
+    with pytest.raises(TrainingDivergedError, match=r"the loss became nan at step 1 .*lower train.lr"):
+        run(NaNLM(), spec(steps=3), label="nan-arch")
+
+
+def test_seeded_training_is_deterministic():
+    m1, r1 = run(BigramLM(), spec(steps=5))
+    m2, r2 = run(BigramLM(), spec(steps=5))
+    assert r1.final_loss == r2.final_loss
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
