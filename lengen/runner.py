@@ -192,7 +192,7 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
         with console.status(f"loading dataset {suite.dataset!r}"):
             corpus = ds.load(ds_cfg, ctx)
         data_s = time.perf_counter() - t0
-        seqs, ann = eval_sequences(corpus.eval, L, suite.eval.sequences)
+        seqs, ann = eval_sequences(corpus.eval, L, suite.eval.sequences, policy=suite.eval.doc_policy)
         ann = dict(ann)
         ann["unigram_nll"] = np.concatenate(
             [np.zeros((len(seqs), 1), np.float32), unigram_nll(corpus.train.tokens, seqs[:, 1:], corpus.vocab_size)], 1)
@@ -255,7 +255,7 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
                     "protocol": {
                         "window": W, "eval_length": L, "positions": list(suite.eval.positions),
                         "bucket": suite.eval.bucket, "mode": "full", "state_passing": result.state_passing,
-                        "doc_policy": "documents", "bootstrap": suite.eval.bootstrap,
+                        "doc_policy": suite.eval.doc_policy, "bootstrap": suite.eval.bootstrap,
                         "confidence": suite.eval.confidence,
                     },
                     "suite": run_info["suite"],

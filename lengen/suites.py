@@ -52,6 +52,9 @@ class EvalSpec(StrictConfig):
     sequences: int = Field(64, gt=0, description="evaluation sequences")
     batch_size: int = Field(16, gt=0)
     bucket: int = Field(16, gt=0, description="tokens in each position bucket, ending at k x W")
+    doc_policy: Literal["documents", "packed"] = Field(
+        "documents", description="evaluation sequences: the start of each long-enough document, or slices of "
+                                 "the packed stream")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for intervals")
     confidence: float = Field(0.95, gt=0, lt=1)
 
