@@ -243,13 +243,19 @@ class Scores:
     """Per-token results of one evaluation, ``[n_sequences, length]`` arrays.
 
     Column ``j`` is the prediction of the token at position ``p = j + 1``, made from the
-    ``p`` tokens before it (the first of which is the start of the sequence).
+    ``p`` tokens before it (the first of which is the start of the sequence). In
+    ``nonoverlapping`` mode there are no position-wise arrays (``nll`` is ``None``), only
+    ``lengths``.
     """
 
-    nll: Any  # float64 natural-log loss
-    correct: Any  # bool, argmax == target
+    nll: Any  # float64 natural-log loss, or None
+    correct: Any  # bool, argmax == target, or None
     annotations: dict[str, Any]
     mode: str = "full"
+    #: evaluation length l (tokens) -> (per-sequence NLL sums, per-sequence token counts)
+    lengths: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    #: available context c (tokens) -> (per-sequence NLL sums, counts, context actually given)
+    context: dict[int, tuple[Any, Any, int]] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -265,6 +271,8 @@ class MetricContext:
     confidence: float = 0.95
     seed: int = 0
     info: dict = field(default_factory=dict)  # the corpus's info (e.g. chance_recall)
+    lengths: tuple[int, ...] = ()  # the perplexity-vs-length grid, in tokens
+    contexts: tuple[int, ...] = ()  # the context-utilization grid, in tokens
 
     def label(self, k: float) -> str:
         """``1`` -> ``"1W"``, ``0.5`` -> ``"0.5W"``."""
@@ -279,6 +287,8 @@ class Metric(ABC):
     version: ClassVar[str] = "1"
     #: annotation names the metric needs; without them it is skipped (and says so)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: evaluation modes whose scores the metric reads (``nonoverlapping`` has no positions)
+    modes: ClassVar[tuple[str, ...]] = ("full", "window")
 
     @abstractmethod
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext) -> dict[str, Value | Series]:
@@ -286,9 +296,11 @@ class Metric(ABC):
 
 
 def jsonable(obj: Any) -> Any:
-    """Metric results as plain JSON types."""
+    """Metric results as plain JSON types (NaN and infinities become null)."""
     if isinstance(obj, (Value, Series)):
-        return obj.as_dict()
+        return jsonable(obj.as_dict())
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
     if isinstance(obj, dict):
         return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

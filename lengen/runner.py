@@ -22,7 +22,7 @@ from lengen.api import BuildContext, DataContext, MetricContext, jsonable
 from lengen.errors import ConfigError, LengenError
 from lengen.plugins import PluginHost
 from lengen.results import RUN, atomic_save, atomic_write_json, new_run_dir, record_dir
-from lengen.suites import Suite, apply_overrides, load_suites_file, validate_suite
+from lengen.suites import Suite, apply_overrides, validate_suite
 
 
 @dataclass
@@ -41,23 +41,27 @@ class RunRequest:
 
 def resolve_suite(host: PluginHost, name: str, overrides: list[str], benchmarks_file: Path | None) -> Suite:
     """The named suite (a ``--benchmarks-file`` takes precedence over registered suites),
-    with ``--set`` overrides applied and validated."""
-    if benchmarks_file is not None:
-        file_suites = load_suites_file(benchmarks_file)
-        if name in file_suites:
-            table = file_suites[name].model_dump(mode="json")
-            source = str(benchmarks_file)
-        elif name in host.benchmarks:
-            table, source = dict(host.benchmarks.load(name)), "benchmarks.toml"
-        else:
-            from lengen.errors import UnknownComponentError, did_you_mean
+    with ``--set`` overrides applied, then validated."""
+    from lengen.errors import UnknownComponentError, did_you_mean
+    from lengen.suites import parse_tables, read_text
 
-            names = set(file_suites) | set(host.benchmarks.names())
-            raise UnknownComponentError(did_you_mean(name, names, kind="benchmark"))
+    text = None
+    if benchmarks_file is not None:
+        text = read_text(benchmarks_file)
+        tables = parse_tables(text, str(benchmarks_file))
+        if name in tables:
+            table, source = tables[name], str(benchmarks_file)
+        elif name in host.benchmarks:
+            table, source, text = dict(host.benchmarks.load(name)), "benchmarks.toml", None
+        else:
+            raise UnknownComponentError(did_you_mean(name, set(tables) | set(host.benchmarks.names()),
+                                                     kind="benchmark"))
     else:
         table, source = dict(host.benchmarks.load(name)), "benchmarks.toml"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {name!r} is not a suite table; write suites as [name] tables")
     if not overrides:
-        return validate_suite(name, table, source=source)
+        return validate_suite(name, table, source=source, text=text)
     return validate_suite(name, apply_overrides(table, overrides), source=f"{source} with --set")
 
 
@@ -117,6 +121,13 @@ def plan_run(host: PluginHost, req: RunRequest) -> Plan:
     return Plan(suite, archs, (ds_entry, ds, ds_cfg), metrics, seeds)
 
 
+def default_cache_dir() -> Path:
+    """``$LENGEN_CACHE`` or ``~/.cache/lengen``."""
+    import os
+
+    return Path(os.environ.get("LENGEN_CACHE") or Path.home() / ".cache" / "lengen")
+
+
 def make_accelerator(device: str, precision: str):
     import torch
     from accelerate import Accelerator
@@ -151,17 +162,115 @@ def count_params(model) -> int:
     return total
 
 
+def checkpoint_steps(steps: int, n: int) -> list[int]:
+    """``n`` checkpoints spread evenly from initialisation (step 0) to the last step."""
+    if n <= 0:
+        return []
+    if n == 1:
+        return [steps]
+    return sorted({int(round(i * steps / (n - 1))) for i in range(n)})
+
+
+@dataclass
+class ModeEval:
+    scores: Any
+    metrics: dict
+    series: dict
+    skipped: dict
+    info: dict
+
+
+def evaluate_model(model, arch, suite: Suite, seqs, ann, *, modes, metrics, mctx, device, autocast,
+                   extras: bool = True, on_stage=None) -> dict[str, ModeEval]:
+    """Score ``model`` in each of ``modes`` and compute every applicable metric."""
+    from lengen.api import Scores
+    from lengen.evaluate import (Scorer, lengths_from_prefix, score_context, score_full, score_nonoverlapping,
+                                 score_window)
+
+    W = suite.window
+    L = seqs.shape[1] - 1
+    lengths = suite.eval.tokens(suite.eval.lengths, W)
+    out: dict[str, ModeEval] = {}
+    for mode in modes:
+        scorer = Scorer(model, arch, device=device, batch_tokens=suite.eval.batch_size * L, autocast=autocast)
+        t0 = time.perf_counter()
+        if mode == "full":
+            scores = score_full(scorer, seqs, ann)
+            scores.lengths = lengths_from_prefix(scores, lengths)
+        elif mode == "window":
+            scores = score_window(scorer, seqs, ann, window=W, stride=suite.eval.stride)
+            scores.lengths = lengths_from_prefix(scores, lengths)
+        else:
+            scores = Scores(None, None, {}, mode="nonoverlapping",
+                            lengths=score_nonoverlapping(scorer, seqs, lengths) if extras else {})
+        wall = time.perf_counter() - t0
+        scored = seqs.shape[0] * L if scores.nll is not None else sum(int(c.sum()) for _, c in scores.lengths.values())
+        info = {"mode": mode, "length": L, "sequences": int(seqs.shape[0]), "wall_s": wall,
+                "tokens_per_s": scored / wall if wall > 0 else None,
+                "tokens_processed": scorer.tokens_processed, "stats": scorer.stats()}
+        if mode == "window":
+            info["stride"] = suite.eval.stride
+        if mode == "full" and extras and suite.eval.contexts:
+            scores.context = score_context(scorer, seqs, suite.eval.tokens(suite.eval.contexts, W), suite.eval.bucket)
+        missing = [l for l in lengths if l not in scores.lengths]
+        if missing and extras:
+            warnings.warn(f"{mode} mode: lengths {', '.join(f'{l / W:g}W' for l in missing)} need more than the "
+                          f"{L} tokens of each evaluation sequence; recorded as missing", stacklevel=2)
+            info["missing_lengths"] = missing
+        values, series, skipped = {}, {}, {}
+        for mname, _entry, metric, mcfg in metrics:
+            if mode not in metric.modes:
+                continue
+            lacking = [r for r in metric.requires if r not in scores.annotations]
+            if lacking:
+                skipped[mname] = f"needs annotations {lacking}"
+                continue
+            for key, val in metric.compute(scores, mcfg, mctx).items():
+                (series if hasattr(val, "x") else values)[key] = val
+        out[mode] = ModeEval(scores, values, series, skipped, info)
+        if on_stage:
+            on_stage(mode)
+    return out
+
+
+def add_baseline_ratios(evals: dict[str, ModeEval], baseline: str, mctx: MetricContext) -> None:
+    """``ratio_<baseline>@kW``: the baseline mode's perplexity over this mode's, on the same
+    tokens (paired bootstrap). Above 1: this mode predicts better (the seeds' SW / TTT)."""
+    from lengen.stats import bootstrap_ppl_ratio
+
+    base = evals.get(baseline)
+    if base is None or base.scores.nll is None:
+        return
+    L = base.scores.length
+    for mode, ev in evals.items():
+        if mode == baseline or ev.scores.nll is None:
+            continue
+        for i, k in enumerate(mctx.positions):
+            end = min(int(round(k * mctx.window)), L)
+            c = slice(max(0, end - mctx.bucket), end)
+            n = np.full(len(ev.scores.nll), c.stop - c.start)
+            ev.metrics[f"ratio_{baseline}@{mctx.label(k)}"] = bootstrap_ppl_ratio(
+                base.scores.nll[:, c].sum(1), n, ev.scores.nll[:, c].sum(1), n,
+                samples=mctx.bootstrap, confidence=mctx.confidence, seed=mctx.seed + 700 + i)
+
+
+def position_sums(scores, mctx: MetricContext) -> np.ndarray:
+    """Per-sequence NLL sums of each position bucket, ``[sequences, positions]`` (for
+    paired comparisons of checkpoints and architectures)."""
+    L = scores.length
+    cols = []
+    for k in mctx.positions:
+        end = min(int(round(k * mctx.window)), L)
+        cols.append(scores.nll[:, max(0, end - mctx.bucket):end].sum(1))
+    return np.stack(cols, 1)
+
+
 def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path:
     """Train and evaluate every (architecture, seed) of ``plan``; returns the run folder."""
-    import torch
-    from accelerate.utils import set_seed
     from rich.console import Console
-    from safetensors.torch import save_model
 
-    from lengen.evaluate import eval_sequences, score
-    from lengen.progress import make_progress
+    from lengen.evaluate import eval_sequences
     from lengen.provenance import provenance
-    from lengen.train import train
 
     console = console or Console(stderr=True)
     suite = plan.suite
@@ -183,7 +292,7 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
     status, error = "failed", None
     try:
         ds_entry, ds, ds_cfg = plan.dataset
-        cache_dir = Path(req.cache_dir or Path.home() / ".cache" / "lengen")
+        cache_dir = Path(req.cache_dir or default_cache_dir())
         ctx = DataContext(
             seed=suite.data_seed, window=W, eval_length=L, eval_sequences=suite.eval.sequences,
             train_tokens=suite.train.steps * suite.train.batch_size * suite.train.grad_accum * W + W + 1,
@@ -201,83 +310,22 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
             "tokenizer": corpus.tokenizer, "info": corpus.info, "plugin": ds_entry.plugin,
             "distribution": ds_entry.distribution, "version": ds_entry.version, "dataset_version": ds.version,
             "train_tokens": len(corpus.train), "eval_sequences": len(seqs), "load_s": round(data_s, 3),
+            "vocab_size": corpus.vocab_size,
         }
         mctx = MetricContext(window=W, positions=tuple(suite.eval.positions), bucket=suite.eval.bucket,
-                             bootstrap=suite.eval.bootstrap, confidence=suite.eval.confidence, info=corpus.info)
+                             bootstrap=suite.eval.bootstrap, confidence=suite.eval.confidence, info=corpus.info,
+                             lengths=tuple(suite.eval.tokens(suite.eval.lengths, W)),
+                             contexts=tuple(suite.eval.tokens(suite.eval.contexts, W)))
+        shared = dict(host=host, suite=suite, plan=plan, corpus=corpus, seqs=seqs, ann=ann, mctx=mctx,
+                      accelerator=accelerator, console=console, run_dir=run_dir, run_info=run_info,
+                      dataset_record=dataset_record, prov=prov, started=started)
         for name, entry, arch, cfg in plan.archs:
             for seed in plan.seeds:
-                rec_dir = record_dir(run_dir, name, seed)
-                set_seed(seed)
-                model = arch.build(cfg, BuildContext(vocab_size=corpus.vocab_size, window=W))
-                params = count_params(model)
-                label = f"{name} seed {seed}"
-                with make_progress(console) as progress:
-                    task = progress.add_task(f"train {label}", total=suite.train.steps, loss=float("nan"), tps=0.0)
-                    result = train(
-                        model, arch, cfg, corpus.train.tokens, suite.train, window=W, seed=seed,
-                        accelerator=accelerator, label=label,
-                        on_step=lambda s, info: progress.update(task, completed=s, loss=info["loss"],
-                                                                tps=info["tokens_per_s"]))
-                    model = accelerator.unwrap_model(model)
-                    etask = progress.add_task(f"eval  {label}", total=len(seqs), loss=float("nan"), tps=0.0)
-                    ev = score(model, arch, seqs, ann, batch_size=suite.eval.batch_size, device=accelerator.device,
-                               autocast=accelerator.autocast,
-                               on_batch=lambda n: progress.update(etask, completed=n))
-                metrics, series, skipped = {}, {}, {}
-                for mname, _mentry, metric, mcfg in plan.metrics:
-                    missing = [r for r in metric.requires if r not in ev.scores.annotations]
-                    if missing:
-                        skipped[mname] = f"needs annotations {missing}"
-                        continue
-                    for key, val in metric.compute(ev.scores, mcfg, mctx).items():
-                        (series if hasattr(val, "x") else metrics)[key] = val
-                record = {
-                    "schema": 1,
-                    "run_id": run_dir.name,
-                    "created": time.time(),
-                    "benchmark": suite.name,
-                    "arch": name,
-                    "mode": "full",
-                    "seed": seed,
-                    "metrics": jsonable(metrics),
-                    "series": jsonable(series),
-                    "metrics_skipped": skipped,
-                    "train": result.as_dict(),
-                    "eval": {"mode": "full", "length": L, "sequences": len(seqs), "wall_s": ev.wall_s,
-                             "tokens_per_s": ev.tokens_per_s, "stats": ev.stats},
-                    "model": {
-                        "params": params, "config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(),
-                        "arch_version": arch.version, "plugin": entry.plugin, "distribution": entry.distribution,
-                        "version": entry.version, "stateful": arch.stateful,
-                        "train_state_passing": arch.train_state_passing,
-                    },
-                    "dataset": dataset_record,
-                    "protocol": {
-                        "window": W, "eval_length": L, "positions": list(suite.eval.positions),
-                        "bucket": suite.eval.bucket, "mode": "full", "state_passing": result.state_passing,
-                        "doc_policy": suite.eval.doc_policy, "bootstrap": suite.eval.bootstrap,
-                        "confidence": suite.eval.confidence,
-                    },
-                    "suite": run_info["suite"],
-                    "suite_hash": run_info["suite_hash"],
-                    "provenance": prov,
-                    "metric_plugins": {m[0]: {"plugin": m[1].plugin, "version": m[2].version} for m in plan.metrics},
-                }
-                atomic_save(rec_dir / "model.safetensors", lambda p, m=model: save_model(m, str(p)))
-                atomic_save(rec_dir / "scores.npz", lambda p, s=ev.scores: _save_scores(p, s))
-                record["wall_s"] = time.time() - started
-                atomic_write_json(rec_dir / "record.json", record)
-                records.append(rec_dir / "record.json")
-                host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
-                    run_dir, suite.name, name, seed, suite.train.steps, record["metrics"], model))
-                del model
-                accelerator.free_memory()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                records.append(_train_one(name, entry, arch, cfg, seed, **shared))
         if req.plot and records:
-            from lengen.plots import plot_position
+            from lengen.plots import write_run_plots
 
-            plot_position([_load(p) for p in records], run_dir / "ppl_by_position.png")
+            write_run_plots([_load(p) for p in records], run_dir)
         status = "finished"
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user"
@@ -296,9 +344,157 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
     return run_dir
 
 
-def _save_scores(path: Path, scores) -> None:
+def _train_one(name, entry, arch, cfg, seed, *, host, suite, plan, corpus, seqs, ann, mctx, accelerator, console,
+               run_dir, run_info, dataset_record, prov, started) -> Path:
+    """Train one (architecture, seed), evaluate it in every mode, write its record."""
+    import torch
+    from accelerate.utils import set_seed
+    from safetensors.torch import save_model
+
+    from lengen import measure
+    from lengen.evaluate import Scorer
+    from lengen.progress import make_progress
+    from lengen.train import train
+
+    W = suite.window
+    rec_dir = record_dir(run_dir, name, seed)
+    set_seed(seed)
+    model = arch.build(cfg, BuildContext(vocab_size=corpus.vocab_size, window=W))
+    params = count_params(model)
+    label = f"{name} seed {seed}"
+    modes = suite.eval.modes
+    ck_mode = "full" if "full" in modes else ("window" if "window" in modes else None)
+    steps = checkpoint_steps(suite.train.steps, suite.eval.checkpoints) if ck_mode else []
+    checkpoints: list[dict] = []
+    ck_sums: list[np.ndarray] = []
+    stopper = _EarlyStopper(suite.train.early_stopping) if suite.train.early_stopping else None
+    stages = len(modes) + (1 if suite.eval.contexts and "full" in modes else 0)
+    with make_progress(console) as progress:
+        task = progress.add_task(f"train {label}", total=suite.train.steps, loss=float("nan"), tps=0.0)
+        ck_task = (progress.add_task(f"ckpts {label}", total=len(steps), loss=float("nan"), tps=0.0)
+                   if steps else None)
+
+        def on_checkpoint(step, m):
+            evals = evaluate_model(m, arch, suite, seqs, ann, modes=[ck_mode], metrics=plan.metrics, mctx=mctx,
+                                   device=accelerator.device, autocast=accelerator.autocast, extras=False)
+            ev = evals[ck_mode]
+            entry_ = {"step": step, "mode": ck_mode,
+                      "metrics": jsonable({k: v for k, v in ev.metrics.items()
+                                           if k.startswith(("ppl@", "ppl_ratio@", "recall", "excess_nll", "horizon"))
+                                           or k == "ppl"}),
+                      "series": jsonable({"ppl_by_position": ev.series["ppl_by_position"]})}
+            checkpoints.append(entry_)
+            ck_sums.append(position_sums(ev.scores, mctx))
+            host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
+                run_dir, suite.name, name, seed, step, entry_["metrics"], m))
+            progress.update(ck_task, advance=1)
+            return stopper.update(step, entry_["metrics"]) if stopper else False
+
+        result = train(model, arch, cfg, corpus.train.tokens, suite.train, window=W, seed=seed,
+                       accelerator=accelerator, label=label, checkpoint_steps=set(steps),
+                       on_checkpoint=on_checkpoint if steps else None,
+                       on_step=lambda s, info: progress.update(task, completed=s, loss=info["loss"],
+                                                               tps=info["tokens_per_s"]))
+        model = accelerator.unwrap_model(model)
+        etask = progress.add_task(f"eval  {label}", total=stages, loss=float("nan"), tps=0.0)
+        evals = evaluate_model(model, arch, suite, seqs, ann, modes=modes, metrics=plan.metrics, mctx=mctx,
+                               device=accelerator.device, autocast=accelerator.autocast,
+                               on_stage=lambda _m: progress.update(etask, advance=1))
+        progress.update(etask, completed=stages)
+    if suite.eval.baseline:
+        add_baseline_ratios(evals, suite.eval.baseline, mctx)
+    # cost: FLOPs per token at L = W, peak evaluation memory of one sequence streamed in chunks of W
+    flops = arch.flops_per_token(model, cfg, W)
+    flops_method = "analytic" if flops is not None else "flop_counter"
+    if flops is None:
+        flops = measure.flops_per_token(model, arch, W, corpus.vocab_size, accelerator.device)
+    one = seqs[:1]
+    scorer = Scorer(model, arch, device=accelerator.device, chunk=W if arch.stateful else None)
+    _, peak, mem_method = measure.peak_memory(lambda: scorer.score_rows(one, one.shape[1] - 1), accelerator.device)
+    first = evals[modes[0]].info
+    record = {
+        "schema": 1,
+        "run_id": run_dir.name,
+        "created": time.time(),
+        "benchmark": suite.name,
+        "arch": name,
+        "seed": seed,
+        "evaluations": {m: {"metrics": jsonable(e.metrics), "series": jsonable(e.series),
+                            "metrics_skipped": e.skipped, "eval": jsonable(e.info)} for m, e in evals.items()},
+        "checkpoints": checkpoints,
+        "train": result.as_dict(),
+        "cost": {"params": params, "flops_per_token": flops, "flops_method": flops_method, "flops_length": W,
+                 "peak_eval_memory_bytes": peak, "memory_method": mem_method,
+                 "memory_setting": f"one sequence of {seqs.shape[1] - 1} tokens, chunks of {W}",
+                 "train_tokens_per_s": result.tokens_per_s, "eval_tokens_per_s": first.get("tokens_per_s")},
+        "model": {
+            "params": params, "config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(),
+            "arch_version": arch.version, "plugin": entry.plugin, "distribution": entry.distribution,
+            "version": entry.version, "stateful": arch.stateful, "train_state_passing": arch.train_state_passing,
+        },
+        "dataset": dataset_record,
+        "protocol": {
+            "window": W, "eval_length": seqs.shape[1] - 1, "positions": list(suite.eval.positions),
+            "bucket": suite.eval.bucket, "modes": list(modes), "stride": suite.eval.stride,
+            "baseline": suite.eval.baseline, "state_passing": result.state_passing,
+            "doc_policy": suite.eval.doc_policy, "bootstrap": suite.eval.bootstrap,
+            "confidence": suite.eval.confidence, "lengths": list(mctx.lengths), "contexts": list(mctx.contexts),
+            "checkpoint_steps": steps,
+        },
+        "suite": run_info["suite"],
+        "suite_hash": run_info["suite_hash"],
+        "provenance": prov,
+        "metric_plugins": {m[0]: {"plugin": m[1].plugin, "version": m[2].version} for m in plan.metrics},
+    }
+    atomic_save(rec_dir / "model.safetensors", lambda p: save_model(model, str(p)))
+    for m, e in evals.items():
+        if e.scores.nll is not None:
+            atomic_save(rec_dir / f"scores-{m}.npz", lambda p, sc=e.scores: _save_scores(p, sc, position_sums(sc, mctx)))
+    if ck_sums:
+        atomic_save(rec_dir / "checkpoints.npz", lambda p: _save_npz(
+            p, steps=np.asarray([c["step"] for c in checkpoints]), position_sums=np.stack(ck_sums),
+            positions=np.asarray(mctx.positions, dtype=float), bucket=np.asarray(mctx.bucket)))
+    record["wall_s"] = time.time() - started
+    path = rec_dir / "record.json"
+    atomic_write_json(path, record)
+    accelerator.free_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path
+
+
+class _EarlyStopper:
+    def __init__(self, spec):
+        self.spec = spec
+        self.best = float("inf")
+        self.bad = 0
+        self.stopped_at: int | None = None
+
+    def update(self, step: int, metrics: dict) -> bool:
+        cell = metrics.get(self.spec.metric)
+        value = cell.get("value") if isinstance(cell, dict) else None
+        if value is None:
+            from lengen.errors import ConfigError
+
+            raise ConfigError(f"train.early_stopping.metric = {self.spec.metric!r} is not a checkpoint metric; "
+                              f"use one of {', '.join(sorted(metrics))}")
+        if value < self.best - self.spec.min_delta:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.bad >= self.spec.patience:
+            self.stopped_at = step
+            return True
+        return False
+
+
+def _save_npz(path: Path, **arrays) -> None:
     with open(path, "wb") as f:
-        np.savez_compressed(f, nll=scores.nll.astype(np.float32), correct=scores.correct)
+        np.savez_compressed(f, **arrays)
+
+
+def _save_scores(path: Path, scores, sums: np.ndarray) -> None:
+    _save_npz(path, nll=scores.nll.astype(np.float32), correct=scores.correct, position_sums=sums)
 
 
 def _load(path: Path) -> dict:

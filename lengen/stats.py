@@ -35,6 +35,12 @@ def bootstrap_ppl(nll_sums, counts, *, samples: int = 1000, confidence: float = 
     return Value(point, float(np.exp(lo)), float(np.exp(hi)), float(ppl_boot.std(ddof=1)), n)
 
 
+def percentile_interval(samples, confidence: float = 0.95) -> tuple[float, float]:
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(np.asarray(samples, dtype=np.float64), [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def bootstrap_mean(per_seq_sums, counts, *, samples: int = 1000, confidence: float = 0.95,
                    seed: int = 0) -> Value:
     """Token-weighted mean ``sum / count`` with a sequence-level percentile bootstrap."""

@@ -22,6 +22,14 @@ from lengen.errors import ConfigError
 MODES = ("full", "window", "nonoverlapping")
 
 
+class EarlyStopping(StrictConfig):
+    """Stop training when a checkpoint metric (lower is better) stops improving."""
+
+    patience: int = Field(gt=0, description="checkpoints without an improvement of min_delta before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smallest decrease that counts as an improvement")
+    metric: str = Field("ppl@1W", description="checkpoint metric to watch (lower is better)")
+
+
 class TrainSpec(StrictConfig):
     """The training recipe (the same for every architecture in the suite)."""
 
@@ -38,6 +46,7 @@ class TrainSpec(StrictConfig):
         "auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
     state_passing: bool = Field(
         False, description="carry state across consecutive training windows (architectures that support it)")
+    early_stopping: EarlyStopping | None = Field(None, description="needs eval.checkpoints >= 2")
 
     def warmup_steps(self) -> int:
         return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
@@ -48,7 +57,14 @@ class EvalSpec(StrictConfig):
 
     length: float = Field(20, description="evaluation sequence length, in multiples of W")
     positions: list[float] = Field([1, 2, 5, 10, 20], description="positions k x W to report")
-    modes: list[Literal["full", "window", "nonoverlapping"]] = ["full"]
+    modes: list[Literal["full", "window", "nonoverlapping"]] = Field(["full"], min_length=1)
+    stride: int = Field(16, gt=0, description="window mode: predictions scored per window of W (the seeds' K = S)")
+    baseline: Literal["full", "window", "nonoverlapping"] | None = Field(
+        None, description="mode the others are compared with on the same tokens (the seeds' SW: window)")
+    lengths: list[float] = Field([0.5 * i for i in range(1, 21)],
+                                 description="perplexity-vs-length grid, multiples of W")
+    contexts: list[float] = Field([], description="context-utilization grid, multiples of W (e.g. [0.25, 1, 5, 20])")
+    checkpoints: int = Field(0, ge=0, description="evaluate this many checkpoints spread over training (0: only the end)")
     sequences: int = Field(64, gt=0, description="evaluation sequences")
     batch_size: int = Field(16, gt=0)
     bucket: int = Field(16, gt=0, description="tokens in each position bucket, ending at k x W")
@@ -66,12 +82,21 @@ class EvalSpec(StrictConfig):
                 f"evaluation length {v:g} x W is shorter than the training window; use length >= 1")
         return v
 
-    @field_validator("positions")
+    @field_validator("positions", "lengths", "contexts")
     @classmethod
-    def _positions_positive(cls, v: list[float]) -> list[float]:
-        if not v or any(p <= 0 for p in v):
-            raise ValueError("positions must be a non-empty list of positive multiples of W")
+    def _positive_multiples(cls, v: list[float], info) -> list[float]:
+        if any(p <= 0 for p in v) or (info.field_name == "positions" and not v):
+            raise ValueError(f"{info.field_name} must be a list of positive multiples of W")
         return sorted(set(v))
+
+    @field_validator("modes")
+    @classmethod
+    def _unique_modes(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    def tokens(self, multiples: list[float], window: int) -> list[int]:
+        """Multiples of W as token counts (at least 1, no duplicates)."""
+        return sorted({max(1, int(round(m * window))) for m in multiples})
 
 
 class Suite(StrictConfig):
@@ -107,6 +132,12 @@ class Suite(StrictConfig):
                 "raise eval.length or drop them")
         if self.eval.bucket > self.window:
             raise ValueError(f"eval.bucket = {self.eval.bucket} exceeds the window W = {self.window}")
+        if self.eval.stride > self.window:
+            raise ValueError(f"eval.stride = {self.eval.stride} exceeds the window W = {self.window}")
+        if self.eval.baseline and self.eval.baseline not in self.eval.modes:
+            raise ValueError(f"eval.baseline = {self.eval.baseline!r} is not one of eval.modes {self.eval.modes}")
+        if self.train.early_stopping and self.eval.checkpoints < 2:
+            raise ValueError("train.early_stopping needs eval.checkpoints >= 2 to watch")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         return self
@@ -132,14 +163,26 @@ class Suite(StrictConfig):
 # loading
 
 
-def parse_suites(text: str, source: str = "benchmarks.toml") -> dict[str, Suite]:
-    """Parse and validate every suite in a benchmarks.toml text."""
+def parse_tables(text: str, source: str = "benchmarks.toml") -> dict[str, Any]:
+    """The raw suite tables of a benchmarks.toml text (TOML syntax checked, not the schema)."""
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line = re.search(r"line (\d+)", str(exc))
         where = f"{source}:{line.group(1)}" if line else source
         raise ConfigError(f"{where}: malformed TOML: {exc}; fix the syntax there") from None
+
+
+def read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read benchmarks file {str(path)!r}: {exc.strerror}") from None
+
+
+def parse_suites(text: str, source: str = "benchmarks.toml") -> dict[str, Suite]:
+    """Parse and validate every suite in a benchmarks.toml text."""
+    raw = parse_tables(text, source)
     suites = {}
     for name, table in raw.items():
         if not isinstance(table, dict):
@@ -151,12 +194,7 @@ def parse_suites(text: str, source: str = "benchmarks.toml") -> dict[str, Suite]
 
 
 def load_suites_file(path: str | Path) -> dict[str, Suite]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read benchmarks file {str(path)!r}: {exc.strerror}") from None
-    return parse_suites(text, source=str(path))
+    return parse_suites(read_text(path), source=str(path))
 
 
 def validate_suite(name: str, table: dict[str, Any], *, source: str = "benchmarks.toml",

@@ -101,3 +101,38 @@ class NaNLM(Architecture):
 
     def build(self, config, ctx: BuildContext):
         return _NaN(ctx.vocab_size, config.d_model)
+
+
+class _ContextLength(nn.Module):
+    """Logit 0 = 0.01 x (tokens seen so far in the stream, the current one included)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, state=None):
+        B, T = input_ids.shape
+        seen = (state if state is not None else torch.zeros(B)) [:, None] + torch.arange(1, T + 1)[None, :]
+        logits = torch.zeros(B, T, self.vocab)
+        logits[..., 0] = 0.01 * seen + self.dummy
+        return logits, seen[:, -1]
+
+
+class ContextLengthLM(Architecture):
+    """Fake: reports through its loss how much context each prediction saw. On a stream of
+    token 0, NLL = log(1 + (V - 1) exp(-0.01 c)) for context c; :func:`context_from_nll`
+    inverts it."""
+
+    Config = TinyConfig
+    stateful = True
+
+    def build(self, config, ctx: BuildContext):
+        return _ContextLength(ctx.vocab_size)
+
+
+def context_from_nll(nll, vocab: int):
+    """The context length a :class:`ContextLengthLM` prediction saw, from its NLL."""
+    import numpy as np
+
+    return np.rint(-100 * np.log(np.expm1(nll) / (vocab - 1))).astype(int)

@@ -103,6 +103,7 @@ class TrainResult:
     tokens_per_s_median: float
     final_loss: float
     state_passing: bool
+    stopped_early_at: int | None = None
     losses: list[dict] = field(default_factory=list)  # every log_every steps: step, loss, aux...
     groups: list[dict] = field(default_factory=list)
 
@@ -118,7 +119,8 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
     """Train ``model`` in place for ``spec.steps`` optimizer steps and return what happened.
 
     ``on_step(step, info)`` is called after every optimizer step (progress bars);
-    ``on_checkpoint(step, model)`` at each step in ``checkpoint_steps`` (0 = before training).
+    ``on_checkpoint(step, model)`` at each step in ``checkpoint_steps`` (0 = before training);
+    if it returns True after a step, training stops there (early stopping).
     """
     state_passing = bool(spec.state_passing and arch.train_state_passing)
     groups = arch.param_groups(model, arch_config) or default_param_groups(model)
@@ -144,6 +146,8 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
         on_checkpoint(0, accelerator.unwrap_model(model))
     start = time.perf_counter()
     loss_value = float("nan")
+    stopped_at = None
+    done = 0
     for step in range(spec.steps):
         t0 = time.perf_counter()
         factor = lr_factor(step, spec)
@@ -185,19 +189,26 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
                            **{k: round(v, 6) for k, v in aux_totals.items()}})
         if on_step:
             on_step(step + 1, {"loss": lm_total, "tokens_per_s": tokens_per_step / dt, **aux_totals})
-        if (step + 1) in checkpoint_steps and on_checkpoint:
-            on_checkpoint(step + 1, accelerator.unwrap_model(model))
+        done = step + 1
+        if done in checkpoint_steps and on_checkpoint:
+            t_ck = time.perf_counter()
+            stop = on_checkpoint(done, accelerator.unwrap_model(model))
+            start += time.perf_counter() - t_ck  # evaluation time is not training time
             model.train()
+            if stop:
+                stopped_at = done
+                break
     wall = time.perf_counter() - start
     steady = step_times[1:] or step_times
     return TrainResult(
-        steps=spec.steps,
-        tokens=tokens_per_step * spec.steps,
+        steps=done,
+        tokens=tokens_per_step * done,
         wall_s=wall,
-        tokens_per_s=tokens_per_step * spec.steps / wall,
+        tokens_per_s=tokens_per_step * done / wall,
         tokens_per_s_median=tokens_per_step / statistics.median(steady),
         final_loss=loss_value,
         state_passing=state_passing,
+        stopped_early_at=stopped_at,
         losses=losses,
         groups=[{"name": g.name, "params": sum(p.numel() for p in g.params), "lr_scale": g.lr_scale,
                  "update_every": g.update_every} for g in groups],

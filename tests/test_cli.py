@@ -37,13 +37,15 @@ def test_run_writes_record_checkpoint_plot(tiny_results):
     assert rec["dataset"]["fingerprint"] and rec["model"]["config_hash"] and rec["suite_hash"]
     assert rec["model"]["distribution"] == "lengen" and rec["model"]["plugin"] == "sw"
     assert rec["train"]["steps"] == 4 and rec["train"]["tokens"] == 4 * 32 * 64
-    assert rec["protocol"] == {**rec["protocol"], "window": 64, "eval_length": 1280, "mode": "full"}
+    assert rec["protocol"] == {**rec["protocol"], "window": 64, "eval_length": 1280, "modes": ["full"]}
     # metrics with intervals
+    ev = rec["evaluations"]["full"]
     for k in (1, 2, 5, 10, 20):
-        v = rec["metrics"][f"ppl@{k}W"]
+        v = ev["metrics"][f"ppl@{k}W"]
         assert v["ci_low"] <= v["value"] <= v["ci_high"]
-    assert {"recall@<=W", "recall@>W", "excess_nll@1W", "ppl_unigram@1W", "ppl_optimal@1W"} <= set(rec["metrics"])
-    assert len(rec["series"]["ppl_by_position"]["x"]) == 1280 // 16
+    assert {"recall@<=W", "recall@>W", "excess_nll@1W", "ppl_unigram@1W", "ppl_optimal@1W", "horizon",
+            "ppl_len@10W"} <= set(ev["metrics"])
+    assert len(ev["series"]["ppl_by_position"]["x"]) == 1280 // 16
     assert "results:" in res.output
 
 
@@ -67,6 +69,8 @@ def test_leaderboard_formats(tiny_results, fmt):
     res = CliRunner().invoke(make_cli(), ["leaderboard", "--results", str(results), "--format", fmt])
     assert res.exit_code == 0, res.output
     assert "sw" in res.output and "ppl@20W" in res.output
+    if fmt == "table":
+        assert "W = 64" in res.output
 
 
 def test_leaderboard_sort_unknown_column(tiny_results):

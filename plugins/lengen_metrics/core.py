@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from lengen.api import Metric, MetricConfig, MetricContext, Scores, Series, Value
-from lengen.stats import bootstrap_mean, bootstrap_ppl, bootstrap_ppl_ratio, wilson
+from lengen.stats import bootstrap_mean, bootstrap_ppl, bootstrap_ppl_ratio, percentile_interval, wilson
 
 
 def _bucket_columns(k: float, ctx: MetricContext, length: int) -> slice:
@@ -25,10 +25,17 @@ def _boot_kwargs(ctx: MetricContext, salt: int = 0) -> dict:
     return {"samples": ctx.bootstrap, "confidence": ctx.confidence, "seed": ctx.seed + salt}
 
 
-class PositionPerplexity(Metric):
-    """Perplexity at k x W, by position, whole-sequence, and degradation ratios to 1 x W."""
+class PerplexityConfig(MetricConfig):
+    horizon_eps: float = Field(0.05, ge=0, description="extrapolation horizon tolerance: ppl <= (1 + eps) ppl@1W")
 
-    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
+
+class PositionPerplexity(Metric):
+    """Perplexity at k x W, by position, whole-sequence, degradation ratios to 1 x W, and the
+    extrapolation horizon (the largest reported k with ppl@kW <= (1 + eps) ppl@1W)."""
+
+    Config = PerplexityConfig
+
+    def compute(self, scores: Scores, config: PerplexityConfig, ctx: MetricContext):
         nll, L = scores.nll, scores.length
         out: dict = {}
         cols = {k: _bucket_columns(k, ctx, L) for k in ctx.positions}
@@ -43,6 +50,8 @@ class PositionPerplexity(Metric):
                 nll[:, c].sum(1), np.full(len(nll), c.stop - c.start),
                 nll[:, ref].sum(1), np.full(len(nll), ref.stop - ref.start), **_boot_kwargs(ctx, 100 + i))
         out["ppl"] = bootstrap_ppl(nll.sum(1), np.full(len(nll), L), **_boot_kwargs(ctx, 200))
+        if 1 in cols:
+            out["horizon"] = self._horizon(nll, cols, config.horizon_eps, ctx)
         xs, vals = [], []
         for j, end in enumerate(range(ctx.bucket, L + 1, ctx.bucket)):
             c = slice(end - ctx.bucket, end)
@@ -50,6 +59,72 @@ class PositionPerplexity(Metric):
             vals.append(bootstrap_ppl(nll[:, c].sum(1), np.full(len(nll), ctx.bucket),
                                       **_boot_kwargs(ctx, 1000 + j)))
         out["ppl_by_position"] = Series(xs, vals)
+        return out
+
+    @staticmethod
+    def _horizon(nll, cols: dict, eps: float, ctx: MetricContext) -> Value:
+        ks = np.array(list(cols))
+        sums = np.stack([nll[:, c].sum(1) for c in cols.values()], 1)  # [N, positions]
+        width = np.array([c.stop - c.start for c in cols.values()], dtype=float)
+        ref = list(cols).index(1)
+
+        def horizon(mean_nll):  # mean_nll [..., positions]
+            ok = mean_nll <= mean_nll[..., ref:ref + 1] + np.log1p(eps)
+            return np.where(ok, ks, 0).max(-1)
+
+        point = float(horizon(sums.sum(0) / (len(nll) * width)))
+        if len(nll) < 2 or ctx.bootstrap <= 0:
+            return Value(point, None, None, None, len(nll))
+        rng = np.random.default_rng(ctx.seed + 300)
+        idx = rng.integers(0, len(nll), size=(ctx.bootstrap, len(nll)))
+        boot = horizon(sums[idx].sum(1) / (len(nll) * width))
+        lo, hi = percentile_interval(boot, ctx.confidence)
+        return Value(point, lo, hi, float(boot.std(ddof=1)), len(nll))
+
+
+class LengthPerplexity(Metric):
+    """Perplexity of whole evaluation sequences of length l, over a grid of lengths.
+
+    In ``full`` and ``window`` mode a sequence of length l is the first l predictions of a
+    longer one; in ``nonoverlapping`` mode each sequence is cut into independent pieces of l.
+    Lengths the data cannot fill are recorded as missing."""
+
+    modes = ("full", "window", "nonoverlapping")
+
+    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
+        out: dict = {}
+        xs, vals = [], []
+        for i, l in enumerate(ctx.lengths):
+            label = ctx.label(l / ctx.window)
+            if l not in scores.lengths:  # too little data: recorded as missing (value null, n 0)
+                out[f"ppl_len@{label}"] = Value(float("nan"), n=0)
+                continue
+            sums, counts = scores.lengths[l]
+            v = bootstrap_ppl(sums, counts, **_boot_kwargs(ctx, 400 + i))
+            out[f"ppl_len@{label}"] = v
+            xs.append(l / ctx.window)
+            vals.append(v)
+        out["ppl_by_length"] = Series(xs, vals)
+        return out
+
+
+class ContextUtilization(Metric):
+    """The same target tokens (the last bucket of each sequence) scored with c tokens of
+    available context, for c over a grid: falling perplexity beyond W means the model uses
+    context a window cannot see; it is not the early-token effect, since targets are fixed."""
+
+    modes = ("full",)
+
+    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
+        out: dict = {}
+        xs, vals = [], []
+        for i, c in enumerate(sorted(scores.context)):
+            sums, counts, avail = scores.context[c]
+            v = bootstrap_ppl(sums, counts, **_boot_kwargs(ctx, 500 + i))
+            out[f"ppl_ctx@{ctx.label(c / ctx.window)}"] = v
+            xs.append(avail / ctx.window)
+            vals.append(v)
+        out["ppl_by_context"] = Series(xs, vals)
         return out
 
 

@@ -58,8 +58,10 @@ class Attention(nn.Module):
             v = torch.cat([cache[1], v], dim=2)
         past = k.shape[2] - T
         W = self.window
-        if past == 0 and T <= W:
+        if past == 0 and T <= W:  # training at L = W: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T <= W:  # a short chunk after cached keys: one band-masked block
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(T, past + T, past, W, q.device))
         else:
             y = self._blocked(q, k, v, past)
         new_cache = (k[:, :, -(W - 1):], v[:, :, -(W - 1):]) if W > 1 else (k[:, :, :0], v[:, :, :0])
