@@ -289,6 +289,8 @@ class Metric(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: evaluation modes whose scores the metric reads (``nonoverlapping`` has no positions)
     modes: ClassVar[tuple[str, ...]] = ("full", "window")
+    #: outputs and their best values on perfect predictions (checked by ``lengen check --metric``)
+    perfect: ClassVar[dict[str, float]] = {}
 
     @abstractmethod
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext) -> dict[str, Value | Series]:

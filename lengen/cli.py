@@ -80,8 +80,9 @@ def make_cli(host: PluginHost | None = None) -> click.Group:
                   help="Evaluation mode (repeatable); default: the suite's eval.modes.")
     @click.option("--checkpoints", type=int, help="Evaluate N checkpoints spread over training (evolution plot).")
     @click.option("--no-plot", is_flag=True, help="Do not write plots.")
+    @click.option("--no-check", is_flag=True, help="Skip the causality check of architectures not seen passing before.")
     def run(archs, benchmark, seeds, steps, window, overrides, results_dir, benchmarks_file, data_dir,
-            cache_dir, device, modes, checkpoints, no_plot):
+            cache_dir, device, modes, checkpoints, no_plot, no_check):
         """Train and evaluate architectures on a benchmark suite."""
         from lengen.runner import RunRequest, run as run_suite
 
@@ -97,7 +98,7 @@ def make_cli(host: PluginHost | None = None) -> click.Group:
             overrides.append(f"eval.checkpoints={checkpoints}")
         req = RunRequest(benchmark=benchmark, archs=list(archs), seeds=list(seeds), overrides=overrides,
                          results_dir=results_dir, cache_dir=cache_dir, data_dir=data_dir,
-                         benchmarks_file=benchmarks_file, device=device, plot=not no_plot)
+                         benchmarks_file=benchmarks_file, device=device, plot=not no_plot, check=not no_check)
         console = _stderr_console()
         run_dir = run_suite(host, req, console)
         from lengen.leaderboard import render, rows_from_records
@@ -226,6 +227,47 @@ def make_cli(host: PluginHost | None = None) -> click.Group:
         from rich.console import Console
 
         _print_comparison(Console(), [a, b], names[0], names[1], result)
+
+    @cli.command()
+    @click.option("--arch", "-a", "archs", multiple=True, help="Architecture to check (repeatable).")
+    @click.option("--dataset", "-d", "datasets", multiple=True, help="Dataset to check (repeatable).")
+    @click.option("--metric", "-m", "metric_names", multiple=True, help="Metric to check (repeatable).")
+    @click.option("--benchmark", "-b", default="tiny", show_default=True,
+                  help="Suite whose configs (architecture size, W, dataset settings) are checked.")
+    @click.option("--window", type=int, help="W to check at (default: the suite's).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a suite key.")
+    @click.option("--benchmarks-file", type=click.Path(path_type=Path))
+    @click.option("--data-dir", type=click.Path(path_type=Path))
+    @click.option("--json", "as_json", is_flag=True)
+    def check(archs, datasets, metric_names, benchmark, window, overrides, benchmarks_file, data_dir, as_json):
+        """Conformance checks: causality, state and window equivalence, determinism, finite
+        outputs, strict configs (architectures); deterministic streams (datasets); best value
+        on perfect predictions (metrics). Exit code 1 if any check fails."""
+        from lengen.runner import check_components
+
+        host.warn_errors()
+        if not (archs or datasets or metric_names):
+            raise LengenError("name what to check: --arch NAME, --dataset NAME or --metric NAME")
+        rows = check_components(host, archs=list(archs), datasets=list(datasets), metrics=list(metric_names),
+                                benchmark=benchmark, overrides=list(overrides), benchmarks_file=benchmarks_file,
+                                data_dir=data_dir, window=window)
+        failed = [r for r in rows if r["passed"] is False]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table(title="lengen check", title_justify="left")
+            for col in ("component", "check", "result", "reason", "s"):
+                t.add_column(col, overflow="fold")
+            for r in rows:
+                res = {True: "[green]pass", False: "[red]FAIL", None: "[yellow]skip"}[r["passed"]]
+                t.add_row(r["component"], r["check"], res, r["reason"], f"{r['seconds']:.1f}")
+            Console().print(t)
+            click.echo(f"{len(failed)} failed" if failed else "all checks passed")
+        if failed:
+            raise SystemExit(1)
 
     @cli.group()
     def bench():

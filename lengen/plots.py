@@ -66,7 +66,7 @@ def plot_curves(records: list[dict], path: Path, kind: str = "position", title: 
     groups: dict[str, list[dict]] = {}
     for r in records:
         for mode, ev in r.get("evaluations", {}).items():
-            if name in ev.get("series", {}):
+            if ev.get("series", {}).get(name, {}).get("x"):
                 groups.setdefault(f"{r['arch']} ({mode})", []).append(ev["series"][name])
     if not groups:
         return None

@@ -37,6 +37,7 @@ class RunRequest:
     benchmarks_file: Path | None = None
     device: str = "auto"
     plot: bool = True
+    check: bool = True  # run the causality check on architectures not seen passing before
 
 
 def resolve_suite(host: PluginHost, name: str, overrides: list[str], benchmarks_file: Path | None) -> Suite:
@@ -118,7 +119,84 @@ def plan_run(host: PluginHost, req: RunRequest) -> Plan:
         cfg = _validate(metric.Config, suite.metrics.get(entry.name, {}), f"suite {suite.name!r} [metrics.{entry.name}]")
         metrics.append((entry.name, entry, metric, cfg))
     seeds = list(dict.fromkeys(req.seeds or suite.seeds))
-    return Plan(suite, archs, (ds_entry, ds, ds_cfg), metrics, seeds)
+    plan = Plan(suite, archs, (ds_entry, ds, ds_cfg), metrics, seeds)
+    if req.check:
+        require_causal(plan, Path(req.cache_dir or default_cache_dir()))
+    return plan
+
+
+def check_components(host: PluginHost, *, archs: list[str], datasets: list[str], metrics: list[str],
+                     benchmark: str, overrides: list[str], benchmarks_file: Path | None,
+                     data_dir: Path | None, window: int | None = None) -> list[dict]:
+    """Run the conformance kit on the named components with the suite's settings."""
+    from lengen.checks import ArchSubject, check_architecture, check_dataset, check_metric
+
+    suite = resolve_suite(host, benchmark, overrides, benchmarks_file)
+    rows = []
+
+    def add(component, results):
+        rows.extend({"component": component, "check": r.name, "passed": r.passed, "reason": r.reason,
+                     "seconds": r.seconds} for r in results)
+
+    for name in archs:
+        entry = host.architectures.get(name)
+        arch = entry.load()
+        cfg = _validate(arch.Config, {**entry.defaults, **suite.arch_config(name)},
+                        f"suite {suite.name!r} [arch.{name}]")
+        add(f"arch {name}", check_architecture(ArchSubject(arch, cfg, window=window or suite.window)))
+    for name in datasets:
+        ds = host.datasets.load(name)
+        cfg = _validate(ds.Config, suite.data if name == suite.dataset else {}, f"suite {suite.name!r} [data]")
+        ctx = DataContext(seed=suite.data_seed, window=suite.window, eval_length=suite.eval_tokens,
+                          eval_sequences=min(4, suite.eval.sequences), train_tokens=50 * suite.window,
+                          cache_dir=default_cache_dir(), data_dir=data_dir, tokenizer=suite.tokenizer)
+        add(f"dataset {name}", check_dataset(ds, cfg, ctx))
+    for name in metrics:
+        metric = host.metrics.load(name)
+        cfg = _validate(metric.Config, suite.metrics.get(name, {}), f"suite {suite.name!r} [metrics.{name}]")
+        add(f"metric {name}", check_metric(metric, cfg))
+    return rows
+
+
+def _check_key(name: str, entry, arch, cfg, window: int) -> str:
+    """Identifies what a passed check vouches for: the code, its version, the config, W."""
+    import hashlib
+    import inspect
+
+    try:
+        source = Path(inspect.getsourcefile(type(arch))).read_bytes()
+    except (TypeError, OSError):
+        source = b""
+    code = hashlib.sha256(source).hexdigest()[:12]
+    return f"{name}|{entry.distribution}|{entry.version}|{arch.version}|{code}|{cfg.hash()}|W{window}"
+
+
+def require_causal(plan: Plan, cache_dir: Path) -> None:
+    """Refuse to train an architecture that sees the future; remember the ones that passed."""
+    import json
+
+    from lengen.checks import ArchSubject, check_causality, _run
+
+    path = cache_dir / "checks.json"
+    try:
+        passed = set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        passed = set()
+    new = set()
+    for name, entry, arch, cfg in plan.archs:
+        key = _check_key(name, entry, arch, cfg, plan.suite.window)
+        if key in passed:
+            continue
+        res = _run("causality", lambda: check_causality(ArchSubject(arch, cfg, window=plan.suite.window)))
+        if res.passed is False:
+            raise LengenError(f"architecture {name!r} ({entry.origin}) failed the causality check: {res.reason}. "
+                              "Fix it, or run with --no-check to train it anyway")
+        new.add(key)
+    if new:
+        try:
+            atomic_write_json(path, sorted(passed | new))
+        except OSError:
+            pass  # an unwritable cache only means the check runs again next time
 
 
 def default_cache_dir() -> Path:
@@ -403,6 +481,9 @@ def _train_one(name, entry, arch, cfg, seed, *, host, suite, plan, corpus, seqs,
         progress.update(etask, completed=stages)
     if suite.eval.baseline:
         add_baseline_ratios(evals, suite.eval.baseline, mctx)
+    if result.steps not in steps:  # observers hear of the final model too
+        host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
+            run_dir, suite.name, name, seed, result.steps, jsonable(evals[modes[0]].metrics), model))
     # cost: FLOPs per token at L = W, peak evaluation memory of one sequence streamed in chunks of W
     flops = arch.flops_per_token(model, cfg, W)
     flops_method = "analytic" if flops is not None else "flop_counter"

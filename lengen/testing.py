@@ -136,3 +136,150 @@ def context_from_nll(nll, vocab: int):
     import numpy as np
 
     return np.rint(-100 * np.log(np.expm1(nll) / (vocab - 1))).astype(int)
+
+
+# ---------------------------------------------------------------------------------------
+# deliberately broken architectures (the conformance kit must catch each)
+
+
+class _Leaky(_Bigram):
+    """Adds the embedding of the NEXT token: a perfect-looking cheat."""
+
+    def forward(self, input_ids, state=None):
+        e = self.embed(input_ids)
+        nxt = torch.cat([e[:, 1:], torch.zeros_like(e[:, :1])], 1)
+        return self.out(e + nxt), None
+
+
+class LeakyLM(Architecture):
+    """Broken: peeks at token t + 1."""
+
+    Config = TinyConfig
+
+    def build(self, config, ctx: BuildContext):
+        return _Leaky(ctx.vocab_size, config.d_model)
+
+
+class _Forgetful(_Decay):
+    """Returns a state that loses the running average: streaming differs from one pass."""
+
+    def forward(self, input_ids, state=None):
+        logits, h = super().forward(input_ids, state)
+        return logits, torch.zeros_like(h)
+
+
+class ForgetfulLM(DecayLM):
+    """Broken: stateful, but its state does not carry the context."""
+
+    def build(self, config, ctx: BuildContext):
+        return _Forgetful(ctx.vocab_size, config.d_model)
+
+
+class _Noisy(_Bigram):
+    def forward(self, input_ids, state=None):
+        logits, _ = super().forward(input_ids)
+        return logits + 0.01 * torch.randn_like(logits), None
+
+
+class NoisyLM(Architecture):
+    """Broken: random noise in the forward pass (non-deterministic)."""
+
+    Config = TinyConfig
+
+    def build(self, config, ctx: BuildContext):
+        return _Noisy(ctx.vocab_size, config.d_model)
+
+
+# ---------------------------------------------------------------------------------------
+# contract classes for a plugin's own test suite
+
+
+class ArchitectureContract:
+    """Subclass in your tests (name the subclass ``Test...``) and set ``arch`` and
+    ``config``; pytest then runs every conformance check as a test::
+
+        class TestMyArch(ArchitectureContract):
+            arch = MyArch()
+            config = {"d_model": 32}
+    """
+
+    arch: Architecture = None
+    config: dict = {}
+    window: int = 16
+    vocab_size: int = 64
+
+    def subject(self):
+        from lengen.checks import ArchSubject
+
+        if self.arch is None:
+            raise AssertionError("set `arch = YourArchitecture()` on the contract subclass")
+        arch = self.arch() if isinstance(self.arch, type) else self.arch
+        return ArchSubject(arch, arch.Config(**self.config), window=self.window, vocab_size=self.vocab_size)
+
+    def _check(self, name):
+        import pytest
+
+        from lengen.checks import check_architecture
+
+        (res,) = check_architecture(self.subject(), only=[name])
+        if res.passed is None:
+            pytest.skip(res.reason)
+        assert res.passed, f"{name}: {res.reason}"
+
+    def test_output_shape(self):
+        self._check("output shape")
+
+    def test_causality(self):
+        self._check("causality")
+
+    def test_state_equivalence(self):
+        self._check("state equivalence")
+
+    def test_window_equivalence(self):
+        self._check("window equivalence")
+
+    def test_determinism(self):
+        self._check("determinism")
+
+    def test_finite_at_20W(self):
+        self._check("finite at 20 x W")
+
+    def test_config_rejects_unknown_keys(self):
+        self._check("config rejects unknown keys")
+
+
+class DatasetContract:
+    """Subclass with ``dataset`` and ``config`` (and optionally ``data_dir``)."""
+
+    dataset = None
+    config: dict = {}
+    window: int = 16
+    eval_length: int = 64
+    data_dir = None
+
+    def _results(self, tmp_path):
+        from lengen.api import DataContext
+        from lengen.checks import check_dataset
+
+        ds = self.dataset() if isinstance(self.dataset, type) else self.dataset
+        ctx = DataContext(seed=0, window=self.window, eval_length=self.eval_length, eval_sequences=4,
+                          train_tokens=20 * self.window, cache_dir=tmp_path, data_dir=self.data_dir)
+        return check_dataset(ds, ds.Config(**self.config), ctx)
+
+    def test_dataset_checks(self, tmp_path):
+        for res in self._results(tmp_path):
+            assert res.passed is not False, f"{res.name}: {res.reason}"
+
+
+class MetricContract:
+    """Subclass with ``metric`` (and optionally ``config``)."""
+
+    metric = None
+    config: dict = {}
+
+    def test_metric_checks(self):
+        from lengen.checks import check_metric
+
+        m = self.metric() if isinstance(self.metric, type) else self.metric
+        for res in check_metric(m, m.Config(**self.config)):
+            assert res.passed is not False, f"{res.name}: {res.reason}"

@@ -1,8 +1,21 @@
+import os
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keep the test session's caches (passed checks, tokenized data) out of ~/.cache."""
+    old = os.environ.get("LENGEN_CACHE")
+    os.environ["LENGEN_CACHE"] = str(tmp_path_factory.mktemp("lengen-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LENGEN_CACHE", None)
+    else:
+        os.environ["LENGEN_CACHE"] = old
 
 
 @pytest.fixture

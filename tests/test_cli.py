@@ -94,7 +94,7 @@ def test_unknown_arch_did_you_mean(tmp_path):
     (["--set", "train.lr=-1"], "lr: Input should be greater than 0"),
     (["--set", "arch.sw.d_modle=64"], "unknown key 'd_modle'; did you mean 'd_model'?"),
     (["--set", "data.p_sett=0.1"], "unknown key 'p_sett'"),
-    (["-b", "tinyy"], "Did you mean 'tiny'?"),
+    (["-b", "tinyy"], "Did you mean 'tiny'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expected):
     res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "--results", str(tmp_path), *args])

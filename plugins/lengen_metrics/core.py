@@ -34,6 +34,7 @@ class PositionPerplexity(Metric):
     extrapolation horizon (the largest reported k with ppl@kW <= (1 + eps) ppl@1W)."""
 
     Config = PerplexityConfig
+    perfect = {"ppl@1W": 1.0, "ppl": 1.0}
 
     def compute(self, scores: Scores, config: PerplexityConfig, ctx: MetricContext):
         nll, L = scores.nll, scores.length
@@ -90,6 +91,7 @@ class LengthPerplexity(Metric):
     Lengths the data cannot fill are recorded as missing."""
 
     modes = ("full", "window", "nonoverlapping")
+    perfect = {"ppl_len@1W": 1.0}
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         out: dict = {}
@@ -114,9 +116,12 @@ class ContextUtilization(Metric):
     context a window cannot see; it is not the early-token effect, since targets are fixed."""
 
     modes = ("full",)
+    perfect = {"ppl_ctx@1W": 1.0}
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         out: dict = {}
+        if not scores.context:  # eval.contexts not set
+            return out
         xs, vals = [], []
         for i, c in enumerate(sorted(scores.context)):
             sums, counts, avail = scores.context[c]
@@ -138,6 +143,7 @@ class RecallByDistance(Metric):
 
     Config = RecallConfig
     requires = ("recall_kind", "recall_distance")
+    perfect = {"recall@<=W": 1.0, "recall@>W": 1.0}
     KINDS = {"": (1, 2), "_recent": (1,), "_keyed": (2,)}
 
     def compute(self, scores: Scores, config: RecallConfig, ctx: MetricContext):
@@ -171,6 +177,7 @@ class ExcessLoss(Metric):
     """Model NLL minus the Bayes-optimal NLL, at k x W, by position and overall (nats/token)."""
 
     requires = ("optimal_nll",)
+    perfect = {"excess_nll": 0.0}
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         excess = scores.nll - scores.annotations["optimal_nll"]
