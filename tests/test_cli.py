@@ -141,3 +141,63 @@ def test_plugins_command_lists_builtins():
 def test_list_benchmarks():
     res = CliRunner().invoke(make_cli(), ["list", "benchmarks", "--json"])
     assert "tiny" in {i["name"] for i in json.loads(res.output)}
+
+
+class _Plugins:
+    """Registers the fake architectures of lengen.testing for one test."""
+
+    from lengen import hookimpl
+
+    @hookimpl
+    def lengen_register_architectures(self, registry):
+        registry.add("nan", "lengen.testing:NaNLM")
+        registry.add("bigram", "lengen.testing:BigramLM")
+
+
+FAST = ["--steps", "3", "--set", "eval.sequences=3", "--set", "eval.bootstrap=10", "--set", "data.train_tokens=8000",
+        "--set", "eval.length=2", "--set", "eval.positions=[1, 2]", "--no-plot"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_finished_records(tmp_path):
+    from lengen.plugins import PluginHost
+
+    cli = make_cli(PluginHost(plugins=[("fakes", _Plugins())]))
+    res = CliRunner().invoke(cli, ["run", "--arch", "bigram", "--arch", "nan", "--results", str(tmp_path), *FAST])
+    assert res.exit_code == 3, res.output
+    assert "Error: nan seed 0: the loss became nan at step 1" in res.output and "Traceback" not in res.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "failed" and "loss became nan" in run["error"]
+    assert run["records"] == ["bigram/seed0/record.json"]  # the architecture that finished is kept
+    json.loads((run_dir / "bigram" / "seed0" / "record.json").read_text())
+    assert not (run_dir / "nan").exists()
+
+
+def test_ctrl_c_keeps_finished_records(tmp_path):
+    from lengen import hookimpl
+    from lengen.plugins import PluginHost
+
+    class Interrupter:
+        @hookimpl
+        def lengen_checkpoint_evaluated(self, event):
+            if event.arch == "sw":
+                raise KeyboardInterrupt
+
+    cli = make_cli(PluginHost(plugins=[("fakes", _Plugins()), ("ctrlc", Interrupter())]))
+    res = CliRunner().invoke(cli, ["run", "--arch", "bigram", "--arch", "sw", "--results", str(tmp_path), *FAST])
+    assert res.exit_code == 130
+    assert "Interrupted: records already written are kept." in res.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "interrupted" and run["records"] == ["bigram/seed0/record.json"]
+    assert not list(run_dir.rglob("*.tmp"))  # nothing half-written
+    rows = json.loads(CliRunner().invoke(make_cli(), ["leaderboard", "--results", str(tmp_path),
+                                                      "--format", "json"]).output)
+    assert [r["arch"] for r in rows] == ["bigram"]
+
+
+def test_broken_plugin_warns_and_run_goes_on(tmp_path, fake_dist):
+    fake_dist("fakeplug-broken2", {"fakebroken2": "fakeplug_missing_module2"})
+    res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "--results", str(tmp_path), *FAST])
+    assert res.exit_code == 0, res.output
+    assert "warning: plugin 'fakebroken2': import of 'fakeplug_missing_module2' failed" in res.output
