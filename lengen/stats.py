@@ -9,57 +9,50 @@ import numpy as np
 from lengen.api import Value
 
 
-def bootstrap_ppl(nll_sums, counts, *, samples: int = 1000, confidence: float = 0.95,
-                  seed: int = 0) -> Value:
-    """Perplexity ``exp(sum nll / sum count)`` with a percentile bootstrap interval that
-    resamples whole sequences (tokens of one sequence are not independent).
-
-    ``nll_sums[i]`` and ``counts[i]`` are sequence ``i``'s summed NLL and token count.
-    """
-    s = np.asarray(nll_sums, dtype=np.float64)
-    c = np.asarray(counts, dtype=np.float64)
-    keep = c > 0
-    s, c = s[keep], c[keep]
-    n = len(s)
-    if n == 0:
-        return Value(float("nan"), None, None, None, 0)
-    point = float(np.exp(s.sum() / c.sum()))
-    if n == 1 or samples <= 0:
-        return Value(point, None, None, None, n)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(samples, n))
-    mean_nll = s[idx].sum(axis=1) / c[idx].sum(axis=1)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(mean_nll, [alpha, 1 - alpha])
-    ppl_boot = np.exp(mean_nll)
-    return Value(point, float(np.exp(lo)), float(np.exp(hi)), float(ppl_boot.std(ddof=1)), n)
-
-
 def percentile_interval(samples, confidence: float = 0.95) -> tuple[float, float]:
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(np.asarray(samples, dtype=np.float64), [alpha, 1 - alpha])
     return float(lo), float(hi)
 
 
-def bootstrap_mean(per_seq_sums, counts, *, samples: int = 1000, confidence: float = 0.95,
-                   seed: int = 0) -> Value:
-    """Token-weighted mean ``sum / count`` with a sequence-level percentile bootstrap."""
+def _bootstrap_means(per_seq_sums, counts, samples: int, seed: int):
+    """``(point, resampled means or None, n)`` of ``sum / count`` over sequences."""
     s = np.asarray(per_seq_sums, dtype=np.float64)
     c = np.asarray(counts, dtype=np.float64)
     keep = c > 0
     s, c = s[keep], c[keep]
     n = len(s)
     if n == 0:
-        return Value(float("nan"), None, None, None, 0)
+        return float("nan"), None, 0
     point = float(s.sum() / c.sum())
     if n == 1 or samples <= 0:
+        return point, None, n
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    return point, s[idx].sum(axis=1) / c[idx].sum(axis=1), n
+
+
+def bootstrap_mean(per_seq_sums, counts, *, samples: int = 1000, confidence: float = 0.95,
+                   seed: int = 0) -> Value:
+    """Token-weighted mean ``sum / count`` with a percentile bootstrap that resamples whole
+    sequences (tokens of one sequence are not independent)."""
+    point, boot, n = _bootstrap_means(per_seq_sums, counts, samples, seed)
+    if boot is None:
         return Value(point, None, None, None, n)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(samples, n))
-    boot = s[idx].sum(axis=1) / c[idx].sum(axis=1)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(boot, [alpha, 1 - alpha])
-    return Value(point, float(lo), float(hi), float(boot.std(ddof=1)), n)
+    lo, hi = percentile_interval(boot, confidence)
+    return Value(point, lo, hi, float(boot.std(ddof=1)), n)
+
+
+def bootstrap_ppl(nll_sums, counts, *, samples: int = 1000, confidence: float = 0.95,
+                  seed: int = 0) -> Value:
+    """Perplexity ``exp(sum nll / sum count)`` with the sequence-level bootstrap interval.
+
+    ``nll_sums[i]`` and ``counts[i]`` are sequence ``i``'s summed NLL and token count.
+    """
+    point, boot, n = _bootstrap_means(nll_sums, counts, samples, seed)
+    if boot is None:
+        return Value(float(np.exp(point)), None, None, None, n)
+    lo, hi = percentile_interval(boot, confidence)
+    return Value(float(np.exp(point)), float(np.exp(lo)), float(np.exp(hi)), float(np.exp(boot).std(ddof=1)), n)
 
 
 def _z(confidence: float) -> float:

@@ -25,6 +25,18 @@ def _boot_kwargs(ctx: MetricContext, salt: int = 0) -> dict:
     return {"samples": ctx.bootstrap, "confidence": ctx.confidence, "seed": ctx.seed + salt}
 
 
+def _ppl_curve(out: dict, prefix: str, points, ctx: MetricContext, salt: int) -> Series:
+    """``out[f"{prefix}@{k}W"]`` for each ``(key tokens, x, sums, counts)`` in ``points``,
+    and the series of them (x in multiples of W)."""
+    xs, vals = [], []
+    for i, (key, x, sums, counts) in enumerate(points):
+        v = bootstrap_ppl(sums, counts, **_boot_kwargs(ctx, salt + i))
+        out[f"{prefix}@{ctx.label(key / ctx.window)}"] = v
+        xs.append(x)
+        vals.append(v)
+    return Series(xs, vals)
+
+
 class PerplexityConfig(MetricConfig):
     horizon_eps: float = Field(0.05, ge=0, description="extrapolation horizon tolerance: ppl <= (1 + eps) ppl@1W")
 
@@ -95,18 +107,11 @@ class LengthPerplexity(Metric):
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         out: dict = {}
-        xs, vals = [], []
-        for i, l in enumerate(ctx.lengths):
-            label = ctx.label(l / ctx.window)
+        for l in ctx.lengths:
             if l not in scores.lengths:  # too little data: recorded as missing (value null, n 0)
-                out[f"ppl_len@{label}"] = Value(float("nan"), n=0)
-                continue
-            sums, counts = scores.lengths[l]
-            v = bootstrap_ppl(sums, counts, **_boot_kwargs(ctx, 400 + i))
-            out[f"ppl_len@{label}"] = v
-            xs.append(l / ctx.window)
-            vals.append(v)
-        out["ppl_by_length"] = Series(xs, vals)
+                out[f"ppl_len@{ctx.label(l / ctx.window)}"] = Value(float("nan"), n=0)
+        points = [(l, l / ctx.window, *scores.lengths[l]) for l in ctx.lengths if l in scores.lengths]
+        out["ppl_by_length"] = _ppl_curve(out, "ppl_len", points, ctx, 400)
         return out
 
 
@@ -120,16 +125,10 @@ class ContextUtilization(Metric):
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         out: dict = {}
-        if not scores.context:  # eval.contexts not set
-            return out
-        xs, vals = [], []
-        for i, c in enumerate(sorted(scores.context)):
-            sums, counts, avail = scores.context[c]
-            v = bootstrap_ppl(sums, counts, **_boot_kwargs(ctx, 500 + i))
-            out[f"ppl_ctx@{ctx.label(c / ctx.window)}"] = v
-            xs.append(avail / ctx.window)
-            vals.append(v)
-        out["ppl_by_context"] = Series(xs, vals)
+        if scores.context:  # eval.contexts set
+            points = [(c, avail / ctx.window, sums, counts)
+                      for c, (sums, counts, avail) in sorted(scores.context.items())]
+            out["ppl_by_context"] = _ppl_curve(out, "ppl_ctx", points, ctx, 500)
         return out
 
 
