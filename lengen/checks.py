@@ -122,8 +122,9 @@ def check_causality(s: ArchSubject, atol: float = 1e-5) -> str | None:
         if d > atol:
             worst = int((out[:, :t + 1].float() - base[:, :t + 1].float()).abs().amax(dim=(0, 2)).argmax())
             raise CheckFailed(
-                f"changing tokens after position {t} changed the logits at position {worst} by {d:.3g}: the model "
-                "sees the future (check attention masks, convolution padding, any shift of the targets)")
+                f"changing the tokens after index {t} changed the logits at index {worst} (0-based) by {d:.3g}: the "
+                "model sees the future (check attention masks, convolution padding, any shift of the targets; if "
+                "determinism fails too, fix that first)")
     return None
 
 
@@ -146,7 +147,7 @@ def check_state_equivalence(s: ArchSubject, chunks=(1, 7, 16), atol: float = 1e-
         if d > atol:
             first = int(((streamed.float() - one.float()).abs().amax(dim=(0, 2)) > atol).nonzero()[0])
             raise CheckFailed(
-                f"streaming in chunks of {c} differs from one pass by up to {d:.3g} (first at position {first}): "
+                f"streaming in chunks of {c} differs from one pass by up to {d:.3g} (first at index {first}, 0-based): "
                 "the returned state does not carry everything the next chunk needs")
     return None
 
@@ -235,8 +236,15 @@ ARCH_CHECKS: dict[str, Callable] = {
 
 
 def check_architecture(subject: ArchSubject, only: list[str] | None = None) -> list[CheckResult]:
-    return [_run(name, lambda fn=fn: fn(subject)) for name, fn in ARCH_CHECKS.items()
-            if only is None or name in only]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs: one thread is as fast, and immune to a busy machine
+    try:
+        return [_run(name, lambda fn=fn: fn(subject)) for name, fn in ARCH_CHECKS.items()
+                if only is None or name in only]
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------

@@ -148,18 +148,18 @@ def make_cli(host: PluginHost | None = None) -> click.Group:
             click.echo(json.dumps(infos, indent=2))
             return
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title="lengen plugins")
-        for col in ("plugin", "distribution", "version", "status", "hooks", "components", "errors"):
-            table.add_column(col, overflow="fold")
+        out = Console()
+        colour = {"loaded": "green", "failed": "red", "disabled": "yellow"}
         for i in infos:
-            comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in i["components"].items())
-            hooks = ", ".join(h.removeprefix("lengen_") for h in i["hooks"])
-            status = {"loaded": "[green]loaded", "failed": "[red]failed", "disabled": "[yellow]disabled"}[i["status"]]
-            table.add_row(i["name"], i["distribution"] or "-", i["version"] or "-", status, hooks, comps,
-                          "[red]" + "\n".join(i["errors"]) if i["errors"] else "")
-        Console().print(table)
+            source = f"{i['distribution']} {i['version']}" if i["distribution"] else "registered in-process"
+            out.print(f"[bold]{i['name']}[/bold]  ({source})  [{colour[i['status']]}]{i['status']}[/]")
+            if i["hooks"]:
+                out.print(f"  {'hooks:':<15}" + ", ".join(h.removeprefix("lengen_") for h in i["hooks"]))
+            for kind, names in i["components"].items():
+                out.print(f"  {kind + 's:':<15}" + ", ".join(names))
+            for err in i["errors"]:
+                out.print(f"  [red]{'error:':<15}[/red]{err}")
 
     @cli.command(name="list")
     @click.argument("kind", type=click.Choice(list(LIST_KINDS)))

@@ -164,6 +164,7 @@ class PluginHost:
         if kinds not in self._registries:
             registry = Registry(KINDS[kinds])
             self._call_each(f"lengen_register_{kinds}", registry=registry)
+            registry.failed_plugins = [i.name for i in self.infos.values() if i.status == "failed"]
             self._registries[kinds] = registry
         return self._registries[kinds]
 

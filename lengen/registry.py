@@ -53,12 +53,24 @@ class Entry:
                 except Exception as exc:  # noqa: BLE001 - report any import failure as one line
                     raise LengenError(
                         f"{self.kind} {self.name!r} ({self.origin}) failed to load {target!r}: "
-                        f"{type(exc).__name__}: {exc}; reinstall the plugin or disable it with "
+                        f"{type(exc).__name__}: {exc}; check the \"module:attr\" target given to "
+                        f"registry.add, reinstall the plugin, or disable it with "
                         f"LENGEN_DISABLE_PLUGINS={self.plugin}"
                     ) from exc
                 target = obj
+            expected = _expected_base(self.kind)
+            if expected is not None and not (isinstance(target, expected) or
+                                             (isinstance(target, type) and issubclass(target, expected))):
+                raise LengenError(
+                    f"{self.kind} {self.name!r} ({self.origin}) points at {_describe(self.target)}, which is not a "
+                    f"lengen.api.{expected.__name__} subclass; give registry.add your {expected.__name__} class")
             if isinstance(target, type):
-                target = target()
+                try:
+                    target = target()
+                except Exception as exc:  # noqa: BLE001
+                    raise LengenError(f"{self.kind} {self.name!r} ({self.origin}): {target.__name__}() failed: "
+                                      f"{type(exc).__name__}: {exc}; it must be constructible without "
+                                      "arguments") from exc
             self._loaded = target
         return self._loaded
 
@@ -76,6 +88,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._conflicts: dict[str, list[Entry]] = {}
         self._plugin: Any = None  # PluginInfo of the plugin whose hook is running
+        self.failed_plugins: list[str] = []  # plugins that failed to load (named in lookup errors)
 
     def add(self, name: str, target: Any, *, description: str = "", defaults: dict | None = None) -> None:
         if not isinstance(name, str) or not name:
@@ -116,7 +129,11 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownComponentError(did_you_mean(name, self._entries, kind=self.kind)) from None
+            msg = did_you_mean(name, self._entries, kind=self.kind)
+            if self.failed_plugins:
+                msg += (f" Plugins that failed to load and may provide it: {', '.join(self.failed_plugins)} "
+                        "(`lengen plugins` shows why).")
+            raise UnknownComponentError(msg) from None
 
     def load(self, name: str) -> Any:
         return self.get(name).load()
@@ -132,6 +149,16 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _expected_base(kind: str):
+    from lengen import api
+
+    return {"architecture": api.Architecture, "dataset": api.Dataset, "metric": api.Metric}.get(kind)
+
+
+def _describe(target: Any) -> str:
+    return repr(target) if isinstance(target, str) else getattr(target, "__name__", type(target).__name__)
 
 
 def _doc_line(target: Any) -> str:

@@ -101,11 +101,13 @@ def plan_run(host: PluginHost, req: RunRequest) -> Plan:
         raise ConfigError(
             f"no architecture named: give --arch NAME (available: {', '.join(host.architectures.names())})")
     entries = [(n, host.architectures.get(n)) for n in names]  # did-you-mean before any import
+    _check_arch_tables(host, suite, req.overrides)
     archs = []
     for name, entry in entries:
         arch = entry.load()
+        from_cli = any(o.startswith((f"arch.{name}.", f"arch.{name.split('-', 1)[0]}.")) for o in req.overrides)
         cfg = _validate(arch.Config, {**entry.defaults, **suite.arch_config(name)},
-                        f"suite {suite.name!r} [arch.{name}]")
+                        f"suite {suite.name!r} [arch.{name}]" + (" (with --set)" if from_cli else ""))
         archs.append((name, entry, arch, cfg))
     ds_entry = host.datasets.get(suite.dataset)
     ds = ds_entry.load()
@@ -156,6 +158,22 @@ def check_components(host: PluginHost, *, archs: list[str], datasets: list[str],
         cfg = _validate(metric.Config, suite.metrics.get(name, {}), f"suite {suite.name!r} [metrics.{name}]")
         add(f"metric {name}", check_metric(metric, cfg))
     return rows
+
+
+def _check_arch_tables(host: PluginHost, suite: Suite, overrides: list[str]) -> None:
+    """An ``arch.<name>`` table must name an installed architecture or family: a typo given
+    with --set is an error, one in a suite file a warning (its plugin may not be installed)."""
+    from lengen.errors import did_you_mean
+
+    names = host.architectures.names()
+    known = set(names) | {n.split("-", 1)[0] for n in names}
+    for key in suite.arch:
+        if key in known:
+            continue
+        if any(o.startswith(f"arch.{key}.") for o in overrides):
+            raise ConfigError(f"--set arch.{key}...: " + did_you_mean(key, known, kind="architecture"))
+        warnings.warn(f"suite {suite.name!r} configures architecture {key!r}, which no installed plugin provides",
+                      stacklevel=2)
 
 
 def _check_key(name: str, entry, arch, cfg, window: int) -> str:
@@ -448,9 +466,8 @@ def _train_one(name, entry, arch, cfg, seed, *, host, suite, plan, corpus, seqs,
     stopper = _EarlyStopper(suite.train.early_stopping) if suite.train.early_stopping else None
     stages = len(modes) + (1 if suite.eval.contexts and "full" in modes else 0)
     with make_progress(console) as progress:
-        task = progress.add_task(f"train {label}", total=suite.train.steps, loss=float("nan"), tps=0.0)
-        ck_task = (progress.add_task(f"ckpts {label}", total=len(steps), loss=float("nan"), tps=0.0)
-                   if steps else None)
+        task = progress.add_task(f"train {label}", total=suite.train.steps, info="")
+        ck_task = progress.add_task(f"ckpts {label}", total=len(steps), info="") if steps else None
 
         def on_checkpoint(step, m):
             evals = evaluate_model(m, arch, suite, seqs, ann, modes=[ck_mode], metrics=plan.metrics, mctx=mctx,
@@ -471,10 +488,10 @@ def _train_one(name, entry, arch, cfg, seed, *, host, suite, plan, corpus, seqs,
         result = train(model, arch, cfg, corpus.train.tokens, suite.train, window=W, seed=seed,
                        accelerator=accelerator, label=label, checkpoint_steps=set(steps),
                        on_checkpoint=on_checkpoint if steps else None,
-                       on_step=lambda s, info: progress.update(task, completed=s, loss=info["loss"],
-                                                               tps=info["tokens_per_s"]))
+                       on_step=lambda s, info: progress.update(
+                           task, completed=s, info=f"loss {info['loss']:.3f}  {info['tokens_per_s']:,.0f} tok/s"))
         model = accelerator.unwrap_model(model)
-        etask = progress.add_task(f"eval  {label}", total=stages, loss=float("nan"), tps=0.0)
+        etask = progress.add_task(f"eval  {label}", total=stages, info=", ".join(modes))
         evals = evaluate_model(model, arch, suite, seqs, ann, modes=modes, metrics=plan.metrics, mctx=mctx,
                                device=accelerator.device, autocast=accelerator.autocast,
                                on_stage=lambda _m: progress.update(etask, advance=1))

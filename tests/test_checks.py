@@ -34,7 +34,7 @@ def test_stateless_architecture_skips_state_equivalence():
 def test_leaky_architecture_fails_causality():
     res = results(LeakyLM(), TinyConfig())
     assert res["causality"].passed is False
-    assert "sees the future" in res["causality"].reason and "changed the logits at position" in res["causality"].reason
+    assert "sees the future" in res["causality"].reason and "changed the logits at index" in res["causality"].reason
 
 
 def test_forgetful_state_fails_state_equivalence():

@@ -201,3 +201,10 @@ def test_broken_plugin_warns_and_run_goes_on(tmp_path, fake_dist):
     res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "--results", str(tmp_path), *FAST])
     assert res.exit_code == 0, res.output
     assert "warning: plugin 'fakebroken2': import of 'fakeplug_missing_module2' failed" in res.output
+
+
+def test_set_for_an_unknown_architecture_is_an_error(tmp_path):
+    res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "--set", "arch.swx.d_model=32",
+                                          "--results", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "--set arch.swx...: unknown architecture 'swx'. Did you mean 'sw'?" in res.output

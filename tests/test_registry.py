@@ -128,3 +128,25 @@ def test_lifecycle_observer_failure_warns_not_raises():
     with pytest.warns(UserWarning, match="observer bug"):
         host.notify("lengen_run_start", "evt")
     assert seen == ["evt"]
+
+
+def test_target_of_the_wrong_kind_is_one_clear_line():
+    from lengen.errors import LengenError
+
+    class Wrong:
+        @hookimpl
+        def lengen_register_architectures(self, registry):
+            registry.add("module-not-arch", "torch.nn:Linear")
+            registry.add("typo", "lengen.testing:BigramLMM")
+
+    host = PluginHost(plugins=[("wrong", Wrong())])
+    with pytest.raises(LengenError, match=r"points at 'torch.nn:Linear', which is not a lengen.api.Architecture subclass"):
+        host.architectures.load("module-not-arch")
+    with pytest.raises(LengenError, match=r"check the \"module:attr\" target given to registry.add"):
+        host.architectures.load("typo")
+
+
+def test_unknown_name_mentions_plugins_that_failed(fake_dist):
+    fake_dist("fakeplug-broken3", {"fakebroken3": "fakeplug_missing_module3"})
+    with pytest.raises(UnknownComponentError, match="Plugins that failed to load and may provide it: fakebroken3"):
+        PluginHost().architectures.get("causalconv")
