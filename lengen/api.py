@@ -194,6 +194,8 @@ class DataContext:
     cache_dir: Path
     data_dir: Path | None = None
     tokenizer: dict | None = None
+    #: optional: call with a short message to show what a long load is doing
+    progress: Any = None
 
 
 class Dataset(ABC):
@@ -206,6 +208,10 @@ class Dataset(ABC):
     @abstractmethod
     def load(self, config: DatasetConfig, ctx: DataContext) -> Corpus:
         """Return the train and eval streams for ``config`` and ``ctx``."""
+
+    def validate(self, config: DatasetConfig, ctx: DataContext) -> None:
+        """Optional, cheap: raise a ``lengen.errors.ConfigError`` for a setting that cannot work
+        (missing files, an unreachable source, a bad tokenizer table) before anything trains."""
 
 
 # ---------------------------------------------------------------------------------------

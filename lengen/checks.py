@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -252,12 +253,19 @@ def check_architecture(subject: ArchSubject, only: list[str] | None = None) -> l
 
 
 def check_dataset(dataset, config, ctx) -> list[CheckResult]:
+    """Each load gets a fresh cache folder, so a cached dataset is really rebuilt and compared."""
+    import tempfile
     from dataclasses import replace
 
     loaded: dict[str, Any] = {}
+    tmp = tempfile.TemporaryDirectory(prefix="lengen-check-")
+
+    def fresh(seed: int):
+        return replace(ctx, seed=seed, cache_dir=Path(tempfile.mkdtemp(dir=tmp.name)))
 
     def load():
-        a = dataset.load(config, ctx)
+        dataset.validate(config, fresh(ctx.seed))
+        a = dataset.load(config, fresh(ctx.seed))
         loaded["a"] = a
         for name, split in (("train", a.train), ("eval", a.eval)):
             toks = np.asarray(split.tokens)
@@ -278,20 +286,21 @@ def check_dataset(dataset, config, ctx) -> list[CheckResult]:
     def deterministic():
         if "a" not in loaded:
             return "skip: loading failed"
-        b = dataset.load(config, ctx)
+        b = dataset.load(config, fresh(ctx.seed))
         a = loaded["a"]
         for name in ("train", "eval"):
             if not np.array_equal(getattr(a, name).tokens, getattr(b, name).tokens):
                 raise CheckFailed(f"two loads with the same seed gave different {name} tokens")
         if a.fingerprint != b.fingerprint:
             raise CheckFailed("two loads with the same seed gave different fingerprints")
-        c = dataset.load(config, replace(ctx, seed=ctx.seed + 1))
+        c = dataset.load(config, fresh(ctx.seed + 1))
         if c.fingerprint == a.fingerprint and not (np.array_equal(c.train.tokens, a.train.tokens)
                                                    and np.array_equal(c.eval.tokens, a.eval.tokens)):
             raise CheckFailed("another seed changed the tokens but not the fingerprint")
         return None
 
-    return [_run("loads well-formed splits", load), _run("deterministic, stable fingerprint", deterministic)]
+    with tmp:
+        return [_run("loads well-formed splits", load), _run("deterministic, stable fingerprint", deterministic)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -355,15 +355,10 @@ def _pick(records: list[dict], arch: str, seed: int | None) -> dict:
 
 
 def _vocab_size(plan) -> int:
-    from lengen.api import DataContext
-    from lengen.runner import default_cache_dir
+    from dataclasses import replace
 
-    suite = plan.suite
     _entry, ds, cfg = plan.dataset
-    ctx = DataContext(seed=suite.data_seed, window=suite.window, eval_length=suite.eval_tokens,
-                      eval_sequences=1, train_tokens=suite.window + 1, cache_dir=default_cache_dir(),
-                      tokenizer=suite.tokenizer)
-    return ds.load(cfg, ctx).vocab_size
+    return ds.load(cfg, replace(plan.data_ctx, eval_sequences=1, train_tokens=plan.suite.window + 1)).vocab_size
 
 
 def _print_comparison(console, records, name_a, name_b, result=None) -> None:

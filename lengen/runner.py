@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,15 @@ class Plan:
     dataset: tuple[Any, Any, Any]  # (entry, dataset object, config)
     metrics: list[tuple[str, Any, Any, Any]]  # (name, entry, metric object, config)
     seeds: list[int]
+    data_ctx: DataContext
+
+
+def data_context(suite: Suite, req: RunRequest) -> DataContext:
+    W = suite.window
+    return DataContext(
+        seed=suite.data_seed, window=W, eval_length=suite.eval_tokens, eval_sequences=suite.eval.sequences,
+        train_tokens=suite.train.steps * suite.train.batch_size * suite.train.grad_accum * W + W + 1,
+        cache_dir=Path(req.cache_dir or default_cache_dir()), data_dir=req.data_dir, tokenizer=suite.tokenizer)
 
 
 def plan_run(host: PluginHost, req: RunRequest) -> Plan:
@@ -121,7 +130,8 @@ def plan_run(host: PluginHost, req: RunRequest) -> Plan:
         cfg = _validate(metric.Config, suite.metrics.get(entry.name, {}), f"suite {suite.name!r} [metrics.{entry.name}]")
         metrics.append((entry.name, entry, metric, cfg))
     seeds = list(dict.fromkeys(req.seeds or suite.seeds))
-    plan = Plan(suite, archs, (ds_entry, ds, ds_cfg), metrics, seeds)
+    plan = Plan(suite, archs, (ds_entry, ds, ds_cfg), metrics, seeds, data_context(suite, req))
+    ds.validate(ds_cfg, plan.data_ctx)  # missing files or an unreachable hub fail before any model is built
     if req.check:
         require_causal(plan, Path(req.cache_dir or default_cache_dir()))
     return plan
@@ -388,13 +398,9 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
     status, error = "failed", None
     try:
         ds_entry, ds, ds_cfg = plan.dataset
-        cache_dir = Path(req.cache_dir or default_cache_dir())
-        ctx = DataContext(
-            seed=suite.data_seed, window=W, eval_length=L, eval_sequences=suite.eval.sequences,
-            train_tokens=suite.train.steps * suite.train.batch_size * suite.train.grad_accum * W + W + 1,
-            cache_dir=cache_dir, data_dir=req.data_dir, tokenizer=suite.tokenizer)
         t0 = time.perf_counter()
-        with console.status(f"loading dataset {suite.dataset!r}"):
+        with console.status(f"loading dataset {suite.dataset!r}") as spinner:
+            ctx = replace(plan.data_ctx, progress=lambda message: spinner.update(message))
             corpus = ds.load(ds_cfg, ctx)
         data_s = time.perf_counter() - t0
         seqs, ann = eval_sequences(corpus.eval, L, suite.eval.sequences, policy=suite.eval.doc_policy)
