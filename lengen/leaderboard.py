@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 import json
 import math
 import re
@@ -63,8 +64,10 @@ def rows_from_records(records: list[dict], benchmark: str | None = None) -> list
                 v = vals[0]
                 row[name] = {"value": v["value"], "ci_low": v.get("ci_low"), "ci_high": v.get("ci_high")}
             elif vals:
-                agg = across_seeds([v["value"] for v in vals])
-                row[name] = {"value": agg.value, "ci_low": agg.ci_low, "ci_high": agg.ci_high}
+                values = [v["value"] for v in vals]
+                agg = across_seeds(values)
+                sd = float(statistics.stdev(values))
+                row[name] = {"value": agg.value, "ci_low": agg.ci_low, "ci_high": agg.ci_high, "sd": sd}
         cost = [r.get("cost", {}) for r in chosen]
         row["params"] = newest["model"].get("params")
         row["train_tokens_per_s"] = _mean([c.get("train_tokens_per_s") for c in cost])
