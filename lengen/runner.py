@@ -493,6 +493,7 @@ def _train_one(name, entry, arch, cfg, seed, *, host, suite, plan, corpus, seqs,
 
         result = train(model, arch, cfg, corpus.train.tokens, suite.train, window=W, seed=seed,
                        accelerator=accelerator, label=label, checkpoint_steps=set(steps),
+                       doc_starts=corpus.train.doc_starts,
                        on_checkpoint=on_checkpoint if steps else None,
                        on_step=lambda s, info: progress.update(
                            task, completed=s, info=f"loss {info['loss']:.3f}  {info['tokens_per_s']:,.0f} tok/s"))
@@ -541,6 +542,7 @@ def _train_one(name, entry, arch, cfg, seed, *, host, suite, plan, corpus, seqs,
             "window": W, "eval_length": seqs.shape[1] - 1, "positions": list(suite.eval.positions),
             "bucket": suite.eval.bucket, "modes": list(modes), "stride": suite.eval.stride,
             "baseline": suite.eval.baseline, "state_passing": result.state_passing,
+            "train_doc_policy": result.doc_policy,
             "doc_policy": suite.eval.doc_policy, "bootstrap": suite.eval.bootstrap,
             "confidence": suite.eval.confidence, "lengths": list(mctx.lengths), "contexts": list(mctx.contexts),
             "checkpoint_steps": steps,

@@ -46,6 +46,9 @@ class TrainSpec(StrictConfig):
         "auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
     state_passing: bool = Field(
         False, description="carry state across consecutive training windows (architectures that support it)")
+    doc_policy: Literal["auto", "reset", "packed"] = Field(
+        "auto", description="with state passing: reset the state at document starts (equal-length documents) or "
+                            "carry it across them (packed); auto: reset when possible")
     early_stopping: EarlyStopping | None = Field(None, description="needs eval.checkpoints >= 2")
 
     def warmup_steps(self) -> int:

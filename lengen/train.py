@@ -32,12 +32,22 @@ class WindowBatches:
     """Deterministic training batches of ``window + 1`` tokens (inputs and shifted targets).
 
     Without state passing, each row starts at a uniformly random offset. With state passing,
-    row ``r`` is a lane that walks its own contiguous stretch of the stream one window per
-    step, so the state carried from the previous step belongs to the same text; ``reset``
-    says that a lane wrapped around and its state must start afresh.
+    row ``r`` is a lane that walks its own text one window per step, so the state carried
+    from the previous step belongs to the same text; ``reset`` says that every lane starts a
+    new text and its state must start afresh. Two document policies:
+
+    ``reset``: lanes walk whole documents (in a seeded order) and the state is reset at
+    every document start, as evaluation starts every document afresh. This needs documents
+    of equal length ``1 + k x window`` (the synthetic language's), so that all lanes start
+    new documents on the same step.
+    ``packed``: lanes walk contiguous stretches of the concatenated stream, carrying the
+    state across document boundaries; it is reset only when a lane wraps around.
+    ``auto`` picks ``reset`` when the documents allow it, else ``packed``; ``policy`` says
+    which was used.
     """
 
-    def __init__(self, tokens: np.ndarray, window: int, rows: int, seed: int, state_passing: bool):
+    def __init__(self, tokens: np.ndarray, window: int, rows: int, seed: int, state_passing: bool,
+                 doc_starts: np.ndarray | None = None, doc_policy: str = "auto"):
         n = len(tokens)
         if n < window + 1:
             raise ConfigError(
@@ -46,20 +56,43 @@ class WindowBatches:
         self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
         self.window, self.rows, self.state_passing = window, rows, state_passing
         self.gen = torch.Generator().manual_seed(seed)
+        self._span = torch.arange(window + 1)
+        self.step = 0
+        self.policy = "random windows"
+        if not state_passing:
+            return
+        lengths = np.diff(np.append(np.asarray(doc_starts if doc_starts is not None else [0]), n))
+        aligned = (len(lengths) >= rows and len(set(lengths.tolist())) == 1
+                   and (lengths[0] - 1) % window == 0 and lengths[0] > window)
+        if doc_policy == "reset" and not aligned:
+            raise ConfigError(
+                "train.doc_policy = 'reset' needs at least train.batch_size training documents, all of "
+                f"length 1 + k x W (W = {window}); these have lengths {sorted(set(lengths.tolist()))[:5]}; "
+                "use train.doc_policy = 'packed'")
+        if doc_policy in ("reset", "auto") and aligned:
+            self.policy = "reset"
+            self.doc_len = int(lengths[0])
+            self.windows_per_doc = (self.doc_len - 1) // window
+            order = torch.randperm(len(lengths), generator=self.gen)
+            self.lane_docs = [order[r::rows][: len(lengths) // rows] for r in range(rows)]
+            return
+        self.policy = "packed"
         self.lane_len = n // rows
         self.windows_per_lane = (self.lane_len - 1) // window
-        if state_passing and self.windows_per_lane < 1:
+        if self.windows_per_lane < 1:
             raise ConfigError(
                 f"state passing needs at least one window of {window} + 1 tokens per lane, but "
                 f"{n} training tokens split into {rows} lanes give {self.lane_len}; "
                 "lower train.batch_size or use more data")
-        offsets = torch.arange(window + 1)
-        self._span = offsets
-        self.step = 0
 
     def next(self) -> tuple[torch.Tensor, bool]:
         W = self.window
-        if self.state_passing:
+        if self.policy == "reset":
+            k = self.step % self.windows_per_doc
+            doc = (self.step // self.windows_per_doc) % len(self.lane_docs[0])
+            starts = torch.stack([docs[doc] for docs in self.lane_docs]) * self.doc_len + k * W
+            reset = k == 0
+        elif self.policy == "packed":
             k = self.step % self.windows_per_lane
             starts = torch.arange(self.rows) * self.lane_len + k * W
             reset = k == 0
@@ -104,6 +137,7 @@ class TrainResult:
     final_loss: float
     state_passing: bool
     stopped_early_at: int | None = None
+    doc_policy: str = "random windows"  # how training windows were drawn (see WindowBatches)
     losses: list[dict] = field(default_factory=list)  # every log_every steps: step, loss, aux...
     groups: list[dict] = field(default_factory=list)
 
@@ -113,6 +147,7 @@ class TrainResult:
 
 def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, tokens: np.ndarray,
           spec: TrainSpec, *, window: int, seed: int, accelerator, label: str = "",
+          doc_starts: np.ndarray | None = None,
           on_step: Callable[[int, dict], None] | None = None,
           on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
           checkpoint_steps: set[int] | None = None, log_every: int = 10) -> TrainResult:
@@ -135,7 +170,8 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
     prepared = accelerator.prepare(model, *optimizers.values())
     model, opts = prepared[0], dict(zip(optimizers, prepared[1:]))
 
-    batches = [WindowBatches(tokens, window, spec.batch_size, seed * 1000 + i, state_passing)
+    batches = [WindowBatches(tokens, window, spec.batch_size, seed * 1000 + i, state_passing,
+                             doc_starts=doc_starts, doc_policy=spec.doc_policy)
                for i in range(spec.grad_accum)]
     states: list[Any] = [None] * spec.grad_accum
     tokens_per_step = spec.batch_size * spec.grad_accum * window
@@ -209,6 +245,7 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
         final_loss=loss_value,
         state_passing=state_passing,
         stopped_early_at=stopped_at,
+        doc_policy=batches[0].policy,
         losses=losses,
         groups=[{"name": g.name, "params": sum(p.numel() for p in g.params), "lr_scale": g.lr_scale,
                  "update_every": g.update_every} for g in groups],

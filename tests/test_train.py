@@ -113,3 +113,26 @@ def test_seeded_training_is_deterministic():
     assert r1.final_loss == r2.final_loss
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_state_passing_resets_at_document_starts():
+    W, D = 8, 3 * 8 + 1  # documents of 1 + 3W tokens
+    docs = np.concatenate([np.full(D, d) for d in range(10)])  # token value = document id
+    starts = np.arange(10) * D
+    w = WindowBatches(docs, W, 2, seed=0, state_passing=True, doc_starts=starts)
+    assert w.policy == "reset"
+    seen = []
+    for step in range(6):
+        x, reset = w.next()
+        assert reset == (step % 3 == 0)
+        assert all(len(set(row.tolist())) == 1 for row in x)  # a window never crosses documents
+        seen.append(x[:, 0].tolist())
+    assert seen[0] == seen[1] == seen[2] and seen[3] != seen[0]  # 3 windows per document, then the next
+
+
+def test_state_passing_packed_when_documents_differ():
+    starts = np.array([0, 100, 250, 1000])
+    w = WindowBatches(TOKENS, 16, 2, seed=0, state_passing=True, doc_starts=starts)
+    assert w.policy == "packed"
+    with pytest.raises(ConfigError, match="doc_policy = 'reset' needs"):
+        WindowBatches(TOKENS, 16, 2, seed=0, state_passing=True, doc_starts=starts, doc_policy="reset")
