@@ -350,7 +350,10 @@ class MLPBlock(torch.autograd.Function):
                 W2n = torch.baddbmm(W2n, x2.transpose(1, 2), step, alpha=-1)
                 b2n = b2n - step.sum(1, keepdim=True)
         z1q = torch.baddbmm(base[:, :S], a[:, :S], LG1, alpha=-1)
-        x2q = gelu(z1q)
+        if any(ctx.needs_input_grad):  # keep gelu'(z1q) rather than recompute it in the backward
+            x2q, z1q, _ = gelu(z1q, with_grad=True)
+        else:
+            x2q = gelu(z1q)
         gram2 = torch.bmm(x2q, X2.transpose(1, 2))
         a2 = torch.addcmul(mq, gram2, mq)
         out = torch.baddbmm(torch.baddbmm(b2, x2q, W2), a2, LG2, alpha=-1)
@@ -363,14 +366,14 @@ class MLPBlock(torch.autograd.Function):
         if W2n is W2:
             W2n, b2n = W2.clone(), b2.clone()
         ctx.K = K
-        ctx.save_for_backward(qx, bt, lr, s, gamma2, W1, W2, LG1, LG2, X2, gram, a, mqk, z1q, x2q, gram2, a2,
+        ctx.save_for_backward(qx, bt, lr, s, gamma2, W1, W2, LG1, LG2, X2, gram, a, mqk, z1q, x2q, gram2, a2,  # z1q: gelu'
                               *(t for blk in saved for t in blk))
         return out, W1n, b1n, W2n, b2n
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout, dW1e, db1e, dW2e, db2e):
-        qx, bt, lr, s, gamma2, W1, W2, LG1, LG2, X2, gram, a, mqk, z1q, x2q, gram2, a2, *flat = ctx.saved_tensors
+        qx, bt, lr, s, gamma2, W1, W2, LG1, LG2, X2, gram, a, mqk, dgelu_q, x2q, gram2, a2, *flat = ctx.saved_tensors
         saved = [flat[k:k + 10] for k in range(0, len(flat), 10)]
         K = ctx.K
         N, S2, d = qx.shape
@@ -392,7 +395,7 @@ class MLPBlock(torch.autograd.Function):
         dX2 = torch.bmm(dgram2.transpose(1, 2), x2q).neg_()  # keys' hidden activations
         dmq = torch.addcmul(p2, p2, gram2).sum(0).neg_()
         # queries, first layer: z1q = base_q - a_q @ LG1
-        dz1q = dx2q * gelu(z1q, with_grad=True)[1]
+        dz1q = dx2q.mul_(dgelu_q)
         dLG1 = torch.bmm(a[:, :S].transpose(1, 2), dz1q).neg_()
         ds_last = qx.new_zeros(())
         t1 = None
