@@ -4,7 +4,8 @@ transformer, measured together so that their ratios share the same machine load.
 Every model: hidden 256, 4 layers, 4 heads, FFN 1024, vocab 4096, tied embedding; batch 8
 x L = 64 random tokens; fp32; one training step = forward, cross-entropy, backward, AdamW
 step. ``sw`` is built through its plugin with window = L (plain causal attention); ``sdpa``
-is written here as the yardstick (RMSNorm, causal F.scaled_dot_product_attention, SwiGLU).
+is written here as the yardstick, the usual way (RMSNorm, RoPE, causal
+F.scaled_dot_product_attention, SwiGLU).
 The architectures are interleaved round-robin (a few steps each per round) and each row
 reports the median step time over all its timed steps after warm-up.
 
@@ -36,6 +37,11 @@ from lengen.plugins import PluginHost
 SIZE = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024)
 
 
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
 class SDPABlock(nn.Module):
     def __init__(self, d, heads, ff):
         super().__init__()
@@ -45,16 +51,20 @@ class SDPABlock(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.mlp = SwiGLU(d, ff)
 
-    def forward(self, x):
+    def forward(self, x, cos, sin):
         B, T, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
         return x + self.mlp(self.norm2(x))
 
 
 class SDPALM(nn.Module):
-    """The yardstick: a plain causal transformer (no positional encoding; same block recipe)."""
+    """The yardstick: a plain causal transformer written the usual way (LLaMA-style: RMSNorm,
+    RoPE with rotate_half, causal SDPA, SwiGLU), the same sizes and block recipe as ``sw``.
+    ``sw`` at L = W must train at least as fast: its window machinery must cost nothing there."""
 
     def __init__(self, vocab, d_model, n_layers, n_heads, d_ff):
         super().__init__()
@@ -63,12 +73,17 @@ class SDPALM(nn.Module):
         self.norm = RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.head.weight = self.embed.weight
+        hd = d_model // n_heads
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
         init_weights(self)
 
     def forward(self, ids, state=None):
+        angles = torch.arange(ids.shape[1], device=ids.device).float()[:, None] * self.inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
         x = self.embed(ids)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cos, sin)
         return self.head(self.norm(x)), None
 
 
@@ -140,7 +155,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per architecture")
     ap.add_argument("--rounds", type=int, default=10, help="round-robin rounds")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per architecture per round")
-    ap.add_argument("--ttt", default="{}", help="extra TTT config as JSON, e.g. '{\"compile\": true}'")
+    ap.add_argument("--ttt", default="{}", help="extra TTT config as JSON, e.g. '{\"pre_conv\": true}'")
     ap.add_argument("--eval-lengths", default="", help="comma-separated L: also time batch-1 evaluation per token")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)

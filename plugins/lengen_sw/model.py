@@ -51,8 +51,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk, v = qkv.split([2, 1])  # (split, not indexing: its backward is one concatenation)
+        q, k = Rotary.apply(qk, cos, sin)  # queries and keys rotated in one go
+        v = v.squeeze(0)
         if cache is not None:  # keys/values of up to W - 1 earlier tokens
             k = torch.cat([cache[0], k], dim=2)
             v = torch.cat([cache[1], v], dim=2)
