@@ -25,7 +25,7 @@ model grad_j(W) = XK_j^T g_j and grad_j(b) = g_j, with g_j the gradient of the l
 respect to f(XK_j), through the LayerNorm (which is a LayerNorm backward: one fused op). So
 every weight the layer ever uses is the initial weight minus a weighted sum of outer
 products XK_j^T g_j, and applying it to a vector x only needs the dot products x . XK_j: no
-per-token weight is materialized. For a block of tokens (``block``, 64 by default, cut into
+per-token weight is materialized. For a block of tokens (``block``: the head dimension by default, at most 64; cut into
 mini-batches of K) starting from weights (W, b), with ``lg_j = lr_j g_j``:
 
     f(XK_t) at W_n     = XK_t W + b - sum_{j in earlier mini-batches} s_{K-1} (XK_t . XK_j + 1) lg_j
@@ -95,8 +95,10 @@ class TTTConfig(ArchConfig):
     conv_kernel: int = Field(4, ge=2, description="pre_conv kernel size")
     use_gate: bool = Field(False, description="GELU(x W_g) gate on the TTT layer's output")
     rope_base: float = Field(10000.0, gt=0)
-    block: int = Field(64, gt=0, description="tokens per dual-form block (rounded up to a multiple of mini_batch); "
-                                              "bounds the per-token cost at any length")
+    block: int | None = Field(None, gt=0, description="tokens per dual-form block, rounded up to a multiple of "
+                              "mini_batch; bounds the per-token cost at any length (default: the head dimension, "
+                              "between mini_batch and 64: the [block x block] products then cost about what the "
+                              "[head_dim x head_dim] ones do)")
 
     def size(self) -> dict:
         """The preset's sizes with explicit keys applied."""
@@ -471,7 +473,8 @@ class TTTLayer(nn.Module):
         self.H, self.d, self.K = H, D // H, cfg.mini_batch
         if self.d % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {self.d}")
-        self.block = -(-cfg.block // cfg.mini_batch) * cfg.mini_batch
+        block = cfg.block if cfg.block is not None else min(64, max(cfg.mini_batch, D // H))
+        self.block = -(-block // cfg.mini_batch) * cfg.mini_batch
         self.inner = cfg.inner
         self.base_lr = cfg.base_lr if cfg.base_lr is not None else (1.0 if cfg.inner == "linear" else 0.1)
         d = self.d
