@@ -63,7 +63,7 @@ def resolve_suite(host: PluginHost, name: str, overrides: list[str], benchmarks_
         raise ConfigError(f"{source}: {name!r} is not a suite table; write suites as [name] tables")
     if not overrides:
         return validate_suite(name, table, source=source, text=text)
-    return validate_suite(name, apply_overrides(table, overrides), source=f"{source} with --set")
+    return validate_suite(name, apply_overrides(table, overrides), source=f"{source} with the command-line overrides")
 
 
 def _validate(config_cls, values: dict, where: str):

@@ -75,8 +75,11 @@ def wilson(successes: int, n: int, *, confidence: float = 0.95) -> Value:
     return Value(p, lo, hi, math.sqrt(p * (1 - p) / n), n)
 
 
-def across_seeds(values: list[float], *, confidence: float = 0.95) -> Value:
-    """Mean over training seeds with a Student-t interval (n >= 2)."""
+def across_seeds(values: list[float], *, confidence: float = 0.95,
+                 bounds: tuple[float | None, float | None] = (None, None)) -> Value:
+    """Mean over training seeds with a Student-t interval (n >= 2), clipped to ``bounds``, the
+    range the quantity can take (a recall interval never leaves [0, 1]; with two seeds the
+    t quantile is 12.7 and the raw interval easily would)."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     n = len(v)
     if n == 0:
@@ -86,7 +89,12 @@ def across_seeds(values: list[float], *, confidence: float = 0.95) -> Value:
         return Value(mean, None, None, None, 1)
     se = float(v.std(ddof=1) / math.sqrt(n))
     t = _t_quantile(0.5 + confidence / 2, n - 1)
-    return Value(mean, mean - t * se, mean + t * se, se, n)
+    lo, hi = mean - t * se, mean + t * se
+    if bounds[0] is not None:
+        lo = max(lo, bounds[0])
+    if bounds[1] is not None:
+        hi = min(hi, bounds[1])
+    return Value(mean, lo, hi, se, n)
 
 
 def _t_quantile(q: float, df: int) -> float:

@@ -222,8 +222,9 @@ def validate_suite(name: str, table: dict[str, Any], *, source: str = "benchmark
             msg = _clean(err["msg"])
         else:
             got = err.get("input")
-            got = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            msg = f"[{table_name}] {key}: {_clean(err['msg'])}{got}"
+            text_msg = _clean(err["msg"])
+            got = f" (got {got!r})" if got is not None and not isinstance(got, dict) and "got" not in text_msg else ""
+            msg = f"[{table_name}] {key}: {text_msg}{got}"
         raise ConfigError(f"{where}: suite {name!r}: {msg}") from None
 
 

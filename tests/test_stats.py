@@ -44,3 +44,21 @@ def test_across_seeds_t_interval():
     assert v.value == 2.0
     assert v.ci_high - v.value == pytest.approx(4.302653 * 1 / math.sqrt(3), rel=1e-5)
     assert across_seeds([5.0]).ci_low is None
+
+
+def test_across_seeds_interval_clipped_to_the_quantity_range():
+    # two seeds: t = 12.7, so the raw interval of a small recall crosses zero
+    raw = across_seeds([0.026, 0.032])
+    assert raw.ci_low < 0
+    v = across_seeds([0.026, 0.032], bounds=(0.0, 1.0))
+    assert v.ci_low == 0.0 and v.ci_high == raw.ci_high and v.value == raw.value
+
+
+def test_leaderboard_bounds_per_metric():
+    from lengen.leaderboard import metric_bounds
+    rec = {"protocol": {"positions": [1, 2, 5, 10, 20]}}
+    assert metric_bounds("recall@>W", rec) == (0.0, 1.0)
+    assert metric_bounds("ppl@20W", rec) == (1.0, None)
+    assert metric_bounds("ppl_ratio@20W", rec) == (0.0, None)
+    assert metric_bounds("horizon", rec) == (1, 20)
+    assert metric_bounds("excess_nll", rec) == (None, None)
