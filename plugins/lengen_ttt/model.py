@@ -203,6 +203,24 @@ def coefficient_masks(s, S: int, K: int):
     return (coefficient_basis(S, K, s.device, s.dtype) @ s).view(2 * S, S)
 
 
+def dual_backward(dR, qx, W, LG, gram, mqk):
+    """Backward of the dual form's first-layer read-out ``R = qx W + b - ((gram + 1) * m) @ LG``
+    (``gram = qx . XK``, ``XK`` the second half of ``qx``; ``m`` the coefficient masks ``mqk``)
+    given ``dR``: returns ``d qx`` (queries and keys), ``dW``, ``db`` and ``dm`` (summed over the
+    batch, [2S, S]). The gradient reaching ``LG`` is left to the caller's scan."""
+    S = qx.shape[1] // 2
+    x = qx[:, S:]
+    dqx = torch.bmm(dR, W.transpose(1, 2))
+    dW = torch.bmm(qx.transpose(1, 2), dR)
+    db = dR.sum(1, keepdim=True)
+    p = torch.bmm(dR, LG.transpose(1, 2))  # d loss / d a = -(dR LG^T)
+    dgram = p * mqk
+    dqx = torch.baddbmm(dqx, dgram, x, alpha=-1)
+    dqx[:, S:] -= torch.bmm(dgram.transpose(1, 2), qx)
+    dm = torch.addcmul(p, p, gram).sum(0).neg_()
+    return dqx, dW, db, dm
+
+
 class LinearBlock(torch.autograd.Function):
     """One dual-form block of TTT-Linear, with a hand-written backward.
 
@@ -284,16 +302,7 @@ class LinearBlock(torch.autograd.Function):
         G, ZH = (torch.cat(saved[k::5], 1) for k in (1, 2))
         dlr = (dLG * G).sum(-1)
         dgamma2 = (dbt * ZH).sum(1, keepdim=True)
-        # base = qx W + b
-        dqx = torch.bmm(dR, W.transpose(1, 2))
-        dW = torch.bmm(qx.transpose(1, 2), dR)
-        db = dR.sum(1, keepdim=True)
-        # a = (gram + 1) * m, used as - a @ lg: d gram = -(dR lg^T) * m
-        p = torch.bmm(dR, LG.transpose(1, 2))
-        dgram = p * mqk
-        dqx = torch.baddbmm(dqx, dgram, x, alpha=-1)
-        dqx[:, S:] -= torch.bmm(dgram.transpose(1, 2), qx)
-        dm = torch.addcmul(p, p, gram).sum(0).neg_()  # d loss / d m, [2S, S]
+        dqx, dW, db, dm = dual_backward(dR, qx, W, LG, gram, mqk)
         ds = coefficient_basis(S, K, s.device, s.dtype).T @ dm.view(-1)
         if t is not None:
             if dW1 is not None:
@@ -444,14 +453,7 @@ class MLPBlock(torch.autograd.Function):
         dW2 = dW2 + dW2c
         db2 = db2 + db2c
         # first layer: base = qx W1 + b1, a = (gram + 1) * m used as - a @ LG1
-        dqx = torch.bmm(dbase, W1.transpose(1, 2))
-        dW1 = torch.bmm(qx.transpose(1, 2), dbase)
-        db1 = dbase.sum(1, keepdim=True)
-        p = torch.bmm(dbase, LG1.transpose(1, 2))
-        dgram = p * mqk
-        dqx = torch.baddbmm(dqx, dgram, x, alpha=-1)
-        dqx[:, S:] -= torch.bmm(dgram.transpose(1, 2), qx)
-        dm = torch.addcmul(p, p, gram).sum(0).neg_()
+        dqx, dW1, db1, dm = dual_backward(dbase, qx, W1, LG1, gram, mqk)
         dm[:S] += dmq
         ds = coefficient_basis(S, K, s.device, s.dtype).T @ dm.view(-1)
         if t1 is not None and dW1e is not None:
