@@ -553,7 +553,7 @@ class TTTLayer(nn.Module):
         for (a, e), qx_blk in zip(spans, qx):
             if len(spans) > 1:
                 z, *fast = block.apply(qx_blk, bt[:, a:e], lr_[:, a:e], s, gamma2, *fast, K)
-            else:
+            else:  # no slicing: even a full-range slice costs a zero-fill and a copy in the backward
                 z, *fast = block.apply(qx_blk, bt, lr_, s, gamma2, *fast, K)
             outs.append(z)
         z = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).view(B, H, S, d)
