@@ -227,6 +227,9 @@ class Value:
     ci_high: float | None = None
     stderr: float | None = None
     n: int | None = None  # how many units the interval is over (sequences, answers)
+    #: the range the quantity can take, (low, high), None for unbounded: a recall is in [0, 1],
+    #: a perplexity >= 1. Intervals combined across seeds are clipped to it.
+    bounds: tuple[float | None, float | None] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -65,7 +65,7 @@ def rows_from_records(records: list[dict], benchmark: str | None = None) -> list
                 row[name] = {"value": v["value"], "ci_low": v.get("ci_low"), "ci_high": v.get("ci_high")}
             elif vals:
                 values = [v["value"] for v in vals]
-                agg = across_seeds(values, bounds=metric_bounds(name, newest))
+                agg = across_seeds(values, bounds=tuple(vals[0].get("bounds") or (None, None)))
                 sd = float(statistics.stdev(values))
                 row[name] = {"value": agg.value, "ci_low": agg.ci_low, "ci_high": agg.ci_high, "sd": sd}
         cost = [r.get("cost", {}) for r in chosen]
@@ -79,20 +79,6 @@ def rows_from_records(records: list[dict], benchmark: str | None = None) -> list
         rows.append(row)
     mark_overlaps(rows)
     return rows
-
-
-def metric_bounds(name: str, record: dict) -> tuple[float | None, float | None]:
-    """The range a leaderboard metric can take, which intervals across seeds are clipped to."""
-    if name.startswith("recall"):
-        return 0.0, 1.0
-    if name.startswith("ppl_ratio@") or name.startswith("ratio_"):
-        return 0.0, None
-    if name.startswith("ppl"):
-        return 1.0, None
-    if name == "horizon":
-        positions = record.get("protocol", {}).get("positions") or []
-        return (min(positions), max(positions)) if positions else (None, None)
-    return None, None
 
 
 def _mean(xs):

@@ -9,6 +9,9 @@ import numpy as np
 from lengen.api import Value
 
 
+PPL_BOUNDS = (1.0, None)  # a perplexity is never below 1
+
+
 def percentile_interval(samples, confidence: float = 0.95) -> tuple[float, float]:
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(np.asarray(samples, dtype=np.float64), [alpha, 1 - alpha])
@@ -50,9 +53,10 @@ def bootstrap_ppl(nll_sums, counts, *, samples: int = 1000, confidence: float = 
     """
     point, boot, n = _bootstrap_means(nll_sums, counts, samples, seed)
     if boot is None:
-        return Value(float(np.exp(point)), None, None, None, n)
+        return Value(float(np.exp(point)), None, None, None, n, bounds=PPL_BOUNDS)
     lo, hi = percentile_interval(boot, confidence)
-    return Value(float(np.exp(point)), float(np.exp(lo)), float(np.exp(hi)), float(np.exp(boot).std(ddof=1)), n)
+    return Value(float(np.exp(point)), float(np.exp(lo)), float(np.exp(hi)), float(np.exp(boot).std(ddof=1)), n,
+                 bounds=PPL_BOUNDS)
 
 
 def _z(confidence: float) -> float:
@@ -72,7 +76,7 @@ def wilson(successes: int, n: int, *, confidence: float = 0.95) -> Value:
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     lo = 0.0 if successes == 0 else max(0.0, centre - half)
     hi = 1.0 if successes == n else min(1.0, centre + half)
-    return Value(p, lo, hi, math.sqrt(p * (1 - p) / n), n)
+    return Value(p, lo, hi, math.sqrt(p * (1 - p) / n), n, bounds=(0.0, 1.0))
 
 
 def across_seeds(values: list[float], *, confidence: float = 0.95,
@@ -153,10 +157,11 @@ def bootstrap_ppl_ratio(sums_a, counts_a, sums_b, counts_b, *, samples: int = 10
         return Value(float("nan"), None, None, None, 0)
     point = float(np.exp(sa.sum() / ca.sum() - sb.sum() / cb.sum()))
     if n == 1 or samples <= 0:
-        return Value(point, None, None, None, n)
+        return Value(point, None, None, None, n, bounds=(0.0, None))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(samples, n))
     log_ratio = sa[idx].sum(1) / ca[idx].sum(1) - sb[idx].sum(1) / cb[idx].sum(1)
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(log_ratio, [alpha, 1 - alpha])
-    return Value(point, float(np.exp(lo)), float(np.exp(hi)), float(np.exp(log_ratio).std(ddof=1)), n)
+    return Value(point, float(np.exp(lo)), float(np.exp(hi)), float(np.exp(log_ratio).std(ddof=1)), n,
+                 bounds=(0.0, None))

@@ -54,11 +54,22 @@ def test_across_seeds_interval_clipped_to_the_quantity_range():
     assert v.ci_low == 0.0 and v.ci_high == raw.ci_high and v.value == raw.value
 
 
-def test_leaderboard_bounds_per_metric():
-    from lengen.leaderboard import metric_bounds
-    rec = {"protocol": {"positions": [1, 2, 5, 10, 20]}}
-    assert metric_bounds("recall@>W", rec) == (0.0, 1.0)
-    assert metric_bounds("ppl@20W", rec) == (1.0, None)
-    assert metric_bounds("ppl_ratio@20W", rec) == (0.0, None)
-    assert metric_bounds("horizon", rec) == (1, 20)
-    assert metric_bounds("excess_nll", rec) == (None, None)
+def test_values_carry_the_range_of_their_quantity():
+    assert wilson(3, 10).bounds == (0.0, 1.0)
+    assert bootstrap_ppl(np.full(8, 20.0), np.full(8, 10)).bounds == (1.0, None)
+    assert across_seeds([1.0, 2.0]).bounds is None  # a mean over seeds of an unknown quantity
+
+
+def test_leaderboard_clips_seed_intervals_to_the_recorded_bounds():
+    from lengen.leaderboard import rows_from_records
+
+    def record(seed, recall):
+        value = wilson(round(recall * 1000), 1000).as_dict()
+        return {"benchmark": "b", "arch": "a", "seed": seed, "created": seed, "suite_hash": "s",
+                "model": {"config_hash": "c", "arch_version": "1", "params": 1},
+                "dataset": {"fingerprint": "f"}, "cost": {}, "protocol": {"window": 8},
+                "evaluations": {"full": {"metrics": {"recall@>W": value}, "eval": {}}}}
+
+    row, = rows_from_records([record(0, 0.026), record(1, 0.032)])
+    cell = row["recall@>W"]
+    assert cell["ci_low"] == 0.0 and cell["ci_high"] < 1.0 and row["n_seeds"] == 2

@@ -87,12 +87,12 @@ class PositionPerplexity(Metric):
 
         point = float(horizon(sums.sum(0) / (len(nll) * width)))
         if len(nll) < 2 or ctx.bootstrap <= 0:
-            return Value(point, None, None, None, len(nll))
+            return Value(point, None, None, None, len(nll), bounds=(float(ks.min()), float(ks.max())))
         rng = np.random.default_rng(ctx.seed + 300)
         idx = rng.integers(0, len(nll), size=(ctx.bootstrap, len(nll)))
         boot = horizon(sums[idx].sum(1) / (len(nll) * width))
         lo, hi = percentile_interval(boot, ctx.confidence)
-        return Value(point, lo, hi, float(boot.std(ddof=1)), len(nll))
+        return Value(point, lo, hi, float(boot.std(ddof=1)), len(nll), bounds=(float(ks.min()), float(ks.max())))
 
 
 class LengthPerplexity(Metric):
