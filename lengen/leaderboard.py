@@ -65,7 +65,8 @@ def rows_from_records(records: list[dict], benchmark: str | None = None) -> list
                 row[name] = {"value": v["value"], "ci_low": v.get("ci_low"), "ci_high": v.get("ci_high")}
             elif vals:
                 values = [v["value"] for v in vals]
-                agg = across_seeds(values, bounds=tuple(vals[0].get("bounds") or (None, None)))
+                bounds = next((v["bounds"] for v in vals if v.get("bounds")), (None, None))  # older records have none
+                agg = across_seeds(values, bounds=tuple(bounds))
                 sd = float(statistics.stdev(values))
                 row[name] = {"value": agg.value, "ci_low": agg.ci_low, "ci_high": agg.ci_high, "sd": sd}
         cost = [r.get("cost", {}) for r in chosen]

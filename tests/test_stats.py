@@ -73,3 +73,8 @@ def test_leaderboard_clips_seed_intervals_to_the_recorded_bounds():
     row, = rows_from_records([record(0, 0.026), record(1, 0.032)])
     cell = row["recall@>W"]
     assert cell["ci_low"] == 0.0 and cell["ci_high"] < 1.0 and row["n_seeds"] == 2
+    # a record written before values carried bounds does not switch the clipping off
+    old = record(0, 0.026)
+    del old["evaluations"]["full"]["metrics"]["recall@>W"]["bounds"]
+    row, = rows_from_records([old, record(1, 0.032)])
+    assert row["recall@>W"]["ci_low"] == 0.0
