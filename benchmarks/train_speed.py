@@ -33,6 +33,7 @@ from torch import nn
 from lengen.api import BuildContext
 from lengen.nn import RMSNorm, SwiGLU, init_weights
 from lengen.plugins import PluginHost
+from lengen.runner import count_params
 
 SIZE = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024)
 
@@ -109,7 +110,7 @@ class Runner:
         self.data = torch.randint(0, vocab, (16, batch, length + 1), generator=g)
         self.i = 0
         self.times: list[float] = []
-        self.params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        self.params = count_params(model)
 
     def step(self, record: bool):
         batch = self.data[self.i % len(self.data)]

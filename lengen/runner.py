@@ -95,6 +95,14 @@ class Plan:
     data_ctx: DataContext
 
 
+def arch_config(entry, arch, suite: Suite, name: str, overrides: list[str]):
+    """The validated config of architecture ``name``: its registered defaults, then the suite's
+    table for it (with the command-line overrides already applied)."""
+    from_cli = any(o.startswith((f"arch.{name}.", f"arch.{name.split('-', 1)[0]}.")) for o in overrides)
+    return _validate(arch.Config, {**entry.defaults, **suite.arch_config(name)},
+                     f"suite {suite.name!r} [arch.{name}]" + (" (with --set)" if from_cli else ""))
+
+
 def data_context(suite: Suite, req: RunRequest) -> DataContext:
     W = suite.window
     return DataContext(
@@ -114,10 +122,7 @@ def plan_run(host: PluginHost, req: RunRequest) -> Plan:
     archs = []
     for name, entry in entries:
         arch = entry.load()
-        from_cli = any(o.startswith((f"arch.{name}.", f"arch.{name.split('-', 1)[0]}.")) for o in req.overrides)
-        cfg = _validate(arch.Config, {**entry.defaults, **suite.arch_config(name)},
-                        f"suite {suite.name!r} [arch.{name}]" + (" (with --set)" if from_cli else ""))
-        archs.append((name, entry, arch, cfg))
+        archs.append((name, entry, arch, arch_config(entry, arch, suite, name, req.overrides)))
     ds_entry = host.datasets.get(suite.dataset)
     ds = ds_entry.load()
     ds_cfg = _validate(ds.Config, suite.data, f"suite {suite.name!r} [data] ({suite.dataset})")
@@ -153,8 +158,7 @@ def check_components(host: PluginHost, *, archs: list[str], datasets: list[str],
     for name in archs:
         entry = host.architectures.get(name)
         arch = entry.load()
-        cfg = _validate(arch.Config, {**entry.defaults, **suite.arch_config(name)},
-                        f"suite {suite.name!r} [arch.{name}]")
+        cfg = arch_config(entry, arch, suite, name, overrides)
         add(f"arch {name}", check_architecture(ArchSubject(arch, cfg, window=window or suite.window)))
     for name in datasets:
         ds = host.datasets.load(name)
