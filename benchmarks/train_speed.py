@@ -3,9 +3,9 @@ transformer, measured together so that their ratios share the same machine load.
 
 Every model: hidden 256, 4 layers, 4 heads, FFN 1024, vocab 4096, tied embedding; batch 8
 x L = 64 random tokens; fp32; one training step = forward, cross-entropy, backward, AdamW
-step. ``sw`` is built through its plugin with window = L (plain causal attention); ``sdpa``
-is written here as the yardstick, the usual way (RMSNorm, RoPE, causal
-F.scaled_dot_product_attention, SwiGLU).
+step (lengen's ``adamw``: fused where torch has it). ``sw`` is built through its plugin with
+window = L (plain causal attention); ``sdpa`` is written here as the yardstick, the usual way
+(RMSNorm, RoPE, causal F.scaled_dot_product_attention, SwiGLU).
 The architectures are interleaved round-robin (a few steps each per round) and each row
 reports the median step time over all its timed steps after warm-up.
 
@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lengen import allocator
 from lengen.api import BuildContext
 from lengen.nn import RMSNorm, SwiGLU, init_weights
 from lengen.plugins import PluginHost
 from lengen.runner import count_params
+from lengen.train import adamw
 
 SIZE = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024)
 
@@ -105,7 +107,7 @@ def build(name: str, vocab: int, length: int, extra: dict):
 class Runner:
     def __init__(self, name, model, vocab, batch, length, seed):
         self.name, self.model = name, model.train()
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        self.opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)  # as lengen trains
         g = torch.Generator().manual_seed(seed)
         self.data = torch.randint(0, vocab, (16, batch, length + 1), generator=g)
         self.i = 0
@@ -159,7 +161,10 @@ def main(argv=None):
     ap.add_argument("--ttt", default="{}", help="extra TTT config as JSON, e.g. '{\"pre_conv\": true}'")
     ap.add_argument("--eval-lengths", default="", help="comma-separated L: also time batch-1 evaluation per token")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="keep glibc's allocator defaults (lengen run tunes them: lengen/allocator.py)")
     args = ap.parse_args(argv)
+    malloc_tuned = False if args.no_malloc_tuning else allocator.tune()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     names = args.archs.split(",")
@@ -191,6 +196,7 @@ def main(argv=None):
     out = {"config": {**SIZE, "vocab": args.vocab, "batch": args.batch, "length": args.length,
                       "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps,
                       "warmup": args.warmup, "ttt_extra": json.loads(args.ttt), "torch": torch.__version__,
+                      "malloc_tuned": malloc_tuned,
                       "machine": platform.processor() or platform.machine()},
            "results": rows}
     if eval_rows is not None:
@@ -199,7 +205,8 @@ def main(argv=None):
         print(json.dumps(out, indent=2))
         return
     print(f"train step, batch {args.batch} x L {args.length}, fp32, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.steps} steps, medians")
+          f"{args.rounds} rounds x {args.steps} steps, medians, allocator "
+          f"{'tuned' if malloc_tuned else 'defaults'}")
     print(f"{'arch':<12}{'params':>10}{'tokens/s':>10}{'(q1..q3)':>18}{'x sw':>7}{'warm s':>8}")
     for name, row in rows.items():
         lo, hi = row["tokens_per_s_q1_q3"]

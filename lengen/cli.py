@@ -285,7 +285,10 @@ def make_cli(host: PluginHost | None = None) -> click.Group:
     @click.option("--json", "as_json", is_flag=True)
     def bench_eval_cmd(arch_name, benchmark, lengths, batch, repeats, overrides, benchmarks_file, device, as_json):
         """Evaluation tokens/s and peak memory at L = k x W (per-token cost should be flat in L)."""
+        from lengen import allocator
         from lengen.runner import RunRequest, make_accelerator, plan_run
+
+        allocator.tune()
 
         try:
             multiples = [float(x) for x in lengths.split(",") if x.strip()]

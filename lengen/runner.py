@@ -379,6 +379,7 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
     """Train and evaluate every (architecture, seed) of ``plan``; returns the run folder."""
     from rich.console import Console
 
+    from lengen import allocator
     from lengen.evaluate import eval_sequences
     from lengen.provenance import provenance
 
@@ -386,8 +387,9 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> Path
     suite = plan.suite
     W = suite.window
     L = suite.eval_tokens
+    malloc_tuned = allocator.tune()
     accelerator, precision = make_accelerator(req.device, suite.train.precision)
-    prov = provenance(accelerator.device, precision)
+    prov = {**provenance(accelerator.device, precision), "malloc_tuned": malloc_tuned}
     run_dir = new_run_dir(req.results_dir, suite.name, [a[0] for a in plan.archs])
     started = time.time()
     run_info = {

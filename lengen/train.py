@@ -118,6 +118,16 @@ def default_param_groups(model: torch.nn.Module) -> list[ParamGroup]:
     return groups
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with its fused kernel where this torch has one for these parameters (CPU since
+    torch 2.4, CUDA): one pass over all tensors instead of a Python loop of ~10 ops per
+    tensor (on CPU 4x faster at the sizes lengen trains; the same update to float rounding)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device/dtype without it
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def lr_factor(step: int, spec: TrainSpec) -> float:
     """Linear warmup to 1, then cosine down to ``min_lr_ratio`` at the last step."""
     warm = spec.warmup_steps()
@@ -165,8 +175,7 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
         pgs = [{"params": g.params, "lr": spec.lr * g.lr_scale, "lr_scale": g.lr_scale,
                 "weight_decay": spec.weight_decay if g.weight_decay is None else g.weight_decay}
                for g in groups if g.update_every == every and g.params]
-        optimizers[every] = torch.optim.AdamW(pgs, lr=spec.lr, betas=tuple(spec.betas),
-                                              weight_decay=spec.weight_decay)
+        optimizers[every] = adamw(pgs, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
     prepared = accelerator.prepare(model, *optimizers.values())
     model, opts = prepared[0], dict(zip(optimizers, prepared[1:]))
 

@@ -339,3 +339,94 @@ def test_param_groups_decay_matrices_only():
                                                                        "token_offset", "lr_bias"}
     assert {"blocks.0.ttt.W1", "blocks.0.ttt.qkv.weight", "embed.weight"} <= {names[id(p)] for p in decay.params}
     assert len(decay.params) + len(no_decay.params) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------
+# the compiled CPU kernel for TTT-Linear's block (kernels.py) against the torch code
+
+
+@pytest.fixture
+def linear_kernel(monkeypatch):
+    from lengen_ttt import kernels
+
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "auto")
+    ext = kernels.linear_kernel()
+    if ext is None:
+        pytest.skip(f"the TTT-Linear CPU kernel did not compile here: {kernels._error}")
+    return ext
+
+
+def _block_args(N, S, d, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    return [r(N, 2 * S, d), r(N, S, d), torch.rand(N, S, generator=g, dtype=dtype) + 0.5,
+            torch.rand(K, generator=g, dtype=dtype), torch.rand(N, 1, d, generator=g, dtype=dtype) + 0.5,
+            r(N, d, d), r(N, 1, d)]
+
+
+@pytest.mark.parametrize("S", [32, 20, 12, 3])
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_linear_kernel_equals_torch_code(linear_kernel, monkeypatch, S, use_weights):
+    """Same outputs and same gradients for every input, whole and ragged last mini-batches,
+    with and without the gradient of the weights after the block (state passing)."""
+    from lengen_ttt.model import LinearBlock
+
+    N, d, K = 3, 8, 8
+    results = []
+    for mode in ("torch", "cpp"):
+        monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
+        args = [t.clone().requires_grad_() for t in _block_args(N, S, d, K, torch.float64)]
+        out, W1, b1 = LinearBlock.apply(*args, K)
+        w = _block_args(N, S, d, K, torch.float64, seed=1)  # random output weights
+        loss = (out * w[1]).sum() + ((W1 * w[5]).sum() + (b1 * w[6]).sum() if use_weights else 0)
+        loss.backward()
+        results.append([out, W1, b1] + [a.grad for a in args])
+    for name, ref, got in zip(["out", "W1", "b1", "qx", "bt", "lr", "s", "gamma2", "W", "b"], *results):
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("S", [12, 9, 3])
+def test_linear_kernel_gradcheck(linear_kernel, monkeypatch, S):
+    from lengen_ttt.model import LinearBlock
+
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
+    args = [t.requires_grad_() for t in _block_args(2, S, 4, 4, torch.float64)]
+    args[2] = (args[2].detach() + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: LinearBlock.apply(*a, 4), args, fast_mode=True)
+
+
+def test_linear_kernel_float32_matches(linear_kernel, monkeypatch):
+    from lengen_ttt.model import LinearBlock
+
+    outs = []
+    for mode in ("torch", "cpp"):
+        monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
+        with torch.no_grad():
+            outs.append(LinearBlock.apply(*_block_args(32, 64, 64, 16, torch.float32), 16))
+    for ref, got in zip(*outs):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_mode_is_checked(monkeypatch):
+    from lengen_ttt import kernels
+
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LENGEN_TTT_KERNEL='fast' is not one of auto, cpp, torch"):
+        kernels.linear_kernel()
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "torch")
+    assert kernels.linear_kernel() is None
+
+
+def test_qkv_and_readout_gradcheck():
+    """The layer's two hand-written glue functions against finite differences."""
+    from lengen_ttt.model import QKV, Readout
+
+    torch.manual_seed(0)
+    B, T, H, d = 2, 5, 2, 4
+    dbl = dict(dtype=torch.float64, requires_grad=True)
+    rot = torch.polar(torch.ones(T, d // 2, dtype=torch.float64), torch.rand(T, d // 2, dtype=torch.float64))
+    args = (torch.randn(B, T, 3 * H * d + H, **dbl), rot, torch.randn(H, **dbl))
+    assert torch.autograd.gradcheck(lambda P, r, b: QKV.apply(P, r, b, H, 0.3), args, fast_mode=True)
+    args = (torch.randn(B, H, T, d, **dbl), torch.randn(B, H, T, d, **dbl), torch.rand(H, 1, d, **dbl),
+            torch.randn(H, 1, d, **dbl), torch.rand(H * d, **dbl), torch.randn(H * d, **dbl))
+    assert torch.autograd.gradcheck(lambda *a: Readout.apply(*a, 1e-6, 1e-6), args, fast_mode=True)

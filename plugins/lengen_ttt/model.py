@@ -67,6 +67,8 @@ from torch import nn
 from lengen.api import ArchConfig, Architecture, BuildContext, ParamGroup
 from lengen.nn import RMSNorm, SwiGLU, init_weights, swiglu_hidden
 
+from .kernels import linear_kernel
+
 # d_model, n_layers, n_heads, d_ff (None: 8/3 x d_model). 125m .. 1b are the reference's
 # presets (the seeds ran 125m with d_ff = 3072: set d_ff to override).
 PRESETS = {
@@ -240,6 +242,13 @@ class LinearBlock(torch.autograd.Function):
         full = (S // K) * K
         x = qx[:, S:]
         mqk = coefficient_masks(s, S, K)
+        ext = linear_kernel() if qx.device.type == "cpu" and qx.dtype in (torch.float32, torch.float64) else None
+        ctx.ext, ctx.K = ext, K
+        if ext is not None:  # the same computation, one (sequence, head) at a time in cache: kernels.py
+            args = [t.contiguous() for t in (qx, bt, lr, mqk)], [t.contiguous() for t in (gamma2, W, b)]
+            out, W1, b1, *saved = ext.forward(*args[0], float(s[K - 1]), *args[1], K, INNER_LN_EPS)
+            ctx.save_for_backward(*args[0], s, args[1][0], args[1][1], *saved)
+            return out, W1, b1
         base = torch.baddbmm(b, qx, W)  # f(XQ), f(XK) at the block's start
         gram = torch.bmm(qx, x.transpose(1, 2))  # XQ . XK, XK . XK
         a = torch.addcmul(mqk, gram, mqk)  # (gram + 1) * token scales
@@ -268,6 +277,13 @@ class LinearBlock(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout, dW1, db1):
+        if ctx.ext is not None:
+            qx, bt, lr, mqk, s, gamma2, W, *saved = ctx.saved_tensors
+            if dout is None:
+                dout = torch.zeros_like(bt)
+            dqx, dbt, dlr, dm_s, dgamma2, dW, db = ctx.ext.backward(
+                dout.contiguous(), dW1, db1, qx, bt, lr, mqk, float(s[ctx.K - 1]), gamma2, W, *saved, ctx.K)
+            return dqx, dbt, dlr, dm_s, dgamma2, dW, db, None
         qx, bt, lr, s, gamma2, W, LG, gram, a, mqk, *saved = ctx.saved_tensors
         K = ctx.K
         N, S2, d = qx.shape
@@ -466,6 +482,83 @@ class MLPBlock(torch.autograd.Function):
         return dqx, dbt, dlr, ds, dgamma2, dW1, db1, dW2, db2, None
 
 
+class QKV(torch.autograd.Function):
+    """From the projection ``P`` [B, T, 3D + H] (XQ, XK, XV, then the per-head learning-rate
+    logits) to what the dual form reads, in one pass each way: ``qx`` [B, H, 2, T, d] (RoPE'd
+    queries then keys, contiguous), a copy of the queries ``q`` [B, H, T, d] (the layer's
+    residual), the target ``tgt = XV - XK`` and the inner learning rates
+    ``lr = scale * sigmoid(logit + lr_bias)`` [B, H, T]. ``rot`` [T, d / 2]: the complex
+    rotation of each position. The backward writes the gradient straight into the
+    projection's layout (autograd through the split, the transposes and the rotation makes
+    three more copies of the projection and a concatenation)."""
+
+    @staticmethod
+    def forward(ctx, P, rot, lr_bias, H: int, scale: float):
+        B, T, width = P.shape
+        d = (width - H) // (3 * H)
+        Pv = P[..., :3 * H * d].view(B, T, 3, H, d)
+        src = Pv[:, :, :2].permute(0, 3, 2, 1, 4)  # [B, H, 2, T, d], strided
+        qx = P.new_empty(B, H, 2, T, d)
+        torch.mul(torch.view_as_complex(src.unflatten(-1, (d // 2, 2))), rot,
+                  out=torch.view_as_complex(qx.view(B, H, 2, T, d // 2, 2)))
+        tgt = torch.sub(Pv[:, :, 2].transpose(1, 2), qx[:, :, 1])
+        sig = torch.sigmoid(P[..., 3 * H * d:] + lr_bias).transpose(1, 2)  # [B, H, T]
+        ctx.save_for_backward(rot, sig)
+        ctx.scale, ctx.shape = scale, (B, T, H, d)
+        return qx, qx[:, :, 0].clone(), tgt, sig * scale
+
+    @staticmethod
+    def backward(ctx, dqx, dq, dtgt, dlr):
+        rot, sig = ctx.saved_tensors
+        B, T, H, d = ctx.shape
+        g = dqx.clone() if dqx is not None else sig.new_zeros(B, H, 2, T, d)
+        if dq is not None:
+            g[:, :, 0] += dq
+        if dtgt is not None:
+            g[:, :, 1] -= dtgt
+        dP = g.new_empty(B, T, 3 * H * d + H)
+        dPv = dP[..., :3 * H * d].view(B, T, 3, H, d)
+        torch.mul(torch.view_as_complex(g.view(B, H, 2, T, d // 2, 2)), rot.conj(),
+                  out=torch.view_as_complex(dPv[:, :, :2].permute(0, 3, 2, 1, 4).unflatten(-1, (d // 2, 2))))
+        if dtgt is not None:
+            dPv[:, :, 2].copy_(dtgt.transpose(1, 2))
+        else:
+            dPv[:, :, 2].zero_()
+        dlogit = (sig * (1 - sig)).mul_(dlr * ctx.scale) if dlr is not None else torch.zeros_like(sig)
+        dP[..., 3 * H * d:].copy_(dlogit.transpose(1, 2))
+        return dP, None, dlogit.sum((0, 2)), None, None
+
+
+class Readout(torch.autograd.Function):
+    """The layer's output before the gate: ``post_norm(concat_heads(LN(z) * w + b + q))`` with
+    the inner LayerNorm's per-head ``w``, ``b`` [H, 1, d] and the post-norm's ``pw``, ``pb``
+    [D]; ``z``, ``q`` [B, H, T, d] -> [B, T, D]. One function so that the backward is two fused
+    LayerNorm backwards and no copies (autograd adds a concatenation and two copies)."""
+
+    @staticmethod
+    def forward(ctx, z, q, w, b, pw, pb, eps: float, post_eps: float):
+        B, H, T, d = z.shape
+        zh, mean, rstd = torch.native_layer_norm(z, [d], None, None, eps)
+        y = torch.empty(B, T, H, d, dtype=z.dtype, device=z.device)
+        torch.add(torch.addcmul(b, zh, w), q, out=y.permute(0, 2, 1, 3))
+        y = y.view(B, T, H * d)
+        out, pmean, prstd = torch.native_layer_norm(y, [H * d], pw, pb, post_eps)
+        ctx.save_for_backward(z, mean, rstd, zh, w, y, pmean, prstd, pw, pb)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, mean, rstd, zh, w, y, pmean, prstd, pw, pb = ctx.saved_tensors
+        B, H, T, d = z.shape
+        dy, dpw, dpb = torch.ops.aten.native_layer_norm_backward(
+            dout.contiguous(), y, [H * d], pmean, prstd, pw, pb, [True, True, True])
+        dq = dy.view(B, T, H, d).transpose(1, 2)  # [B, H, T, d] (strided)
+        db = dq.sum((0, 2)).unsqueeze(1)
+        dw = (dq * zh).sum((0, 2)).unsqueeze(1)
+        dz = _ln_backward(dq * w, z, mean, rstd)
+        return dz, dq, dw, db, dpw, dpb, None, None
+
+
 class TTTLayer(nn.Module):
     def __init__(self, cfg: TTTConfig, size: dict):
         super().__init__()
@@ -506,26 +599,14 @@ class TTTLayer(nn.Module):
     def fast_names(self):
         return ("W1", "b1") if self.inner == "linear" else ("W1", "b1", "W2", "b2")
 
-    def rope(self, x, pos: int):
-        """Rotate ``x`` [..., T, d] by RoPE angles of positions ``pos, pos + 1, ...`` modulo K
-        (pairs of adjacent dimensions, as in the reference's JAX original; a complex product)."""
-        T, d = x.shape[-2:]
-        idx = torch.arange(pos, pos + T, device=x.device) % self.K
-        xc = torch.view_as_complex(x.unflatten(-1, (d // 2, 2)))
-        return torch.view_as_real(xc * self.rope_rot[idx]).flatten(-2)
-
     def forward(self, x, state, pos: int):
         """x [B, T, D] (normalized) -> [B, T, D], the layer's new state."""
         B, T, D = x.shape
         H, d, K = self.H, self.d, self.K
         N = B * H
-        # (split / unbind rather than indexing: their backward is one concatenation)
-        qkv, lr_logit = self.qkv(x).split([3 * D, H], -1)
-        qk, v = qkv.view(B, T, 3, H, d).transpose(1, 3).split([2, 1], 2)  # [B, H, 2 | 1, T, d]
-        qk = self.rope(qk.contiguous(), pos)  # contiguous first: the rotation and the views below then copy nothing
-        q, k = qk.unbind(2)
-        tgt = v.squeeze(2) - k  # the inner model reconstructs XV - XK
-        lr = (self.base_lr / d) * torch.sigmoid(lr_logit + self.lr_bias).transpose(1, 2)  # [B, H, T]
+        idx = torch.arange(pos, pos + T, device=x.device) % K
+        qk, q, tgt, lr = QKV.apply(self.qkv(x), self.rope_rot[idx], self.lr_bias, H, self.base_lr / d)
+        k = qk[:, :, 1]
         p = pos % K  # tokens of the pending mini-batch already seen
         if state is None:
             fast = [getattr(self, n).expand(B, *getattr(self, n).shape) for n in self.fast_names()]
@@ -559,8 +640,8 @@ class TTTLayer(nn.Module):
         z = (torch.cat(outs, 1) if len(outs) > 1 else outs[0]).view(B, H, S, d)
         if p:
             z = z[:, :, p:]
-        z = torch.addcmul(self.ln_bias, F.layer_norm(z, (d,), eps=INNER_LN_EPS), self.ln_weight) + q
-        y = self.post_norm(z.transpose(1, 2).reshape(B, T, D))
+        y = Readout.apply(z, q, self.ln_weight, self.ln_bias, self.post_norm.weight, self.post_norm.bias,
+                          INNER_LN_EPS, self.post_norm.eps)
         if self.gate is not None:
             y = gelu(self.gate(x)) * y
         full = (S // K) * K
