@@ -346,11 +346,11 @@ def test_param_groups_decay_matrices_only():
 
 
 @pytest.fixture
-def linear_kernel(monkeypatch):
+def cpu_kernels(monkeypatch):
     from lengen_ttt import kernels
 
     monkeypatch.setenv("LENGEN_TTT_KERNEL", "auto")
-    ext = kernels.linear_kernel()
+    ext = kernels.cpu_kernels()
     if ext is None:
         pytest.skip(f"the TTT-Linear CPU kernel did not compile here: {kernels._error}")
     return ext
@@ -366,7 +366,7 @@ def _block_args(N, S, d, K, dtype, seed=0):
 
 @pytest.mark.parametrize("S", [32, 20, 12, 3])
 @pytest.mark.parametrize("use_weights", [False, True])
-def test_linear_kernel_equals_torch_code(linear_kernel, monkeypatch, S, use_weights):
+def test_linear_kernel_equals_torch_code(cpu_kernels, monkeypatch, S, use_weights):
     """Same outputs and same gradients for every input, whole and ragged last mini-batches,
     with and without the gradient of the weights after the block (state passing)."""
     from lengen_ttt.model import LinearBlock
@@ -386,7 +386,7 @@ def test_linear_kernel_equals_torch_code(linear_kernel, monkeypatch, S, use_weig
 
 
 @pytest.mark.parametrize("S", [12, 9, 3])
-def test_linear_kernel_gradcheck(linear_kernel, monkeypatch, S):
+def test_linear_kernel_gradcheck(cpu_kernels, monkeypatch, S):
     from lengen_ttt.model import LinearBlock
 
     monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
@@ -395,7 +395,7 @@ def test_linear_kernel_gradcheck(linear_kernel, monkeypatch, S):
     assert torch.autograd.gradcheck(lambda *a: LinearBlock.apply(*a, 4), args, fast_mode=True)
 
 
-def test_linear_kernel_float32_matches(linear_kernel, monkeypatch):
+def test_linear_kernel_float32_matches(cpu_kernels, monkeypatch):
     from lengen_ttt.model import LinearBlock
 
     outs = []
@@ -407,14 +407,65 @@ def test_linear_kernel_float32_matches(linear_kernel, monkeypatch):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 
+def _mlp_args(N, S, d, h, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    return [r(N, 2 * S, d), r(N, S, d), torch.rand(N, S, generator=g, dtype=dtype) + 0.5,
+            torch.rand(K, generator=g, dtype=dtype), torch.rand(N, 1, d, generator=g, dtype=dtype) + 0.5,
+            r(N, d, h) * 0.5, r(N, 1, h), r(N, h, d) * 0.5, r(N, 1, d)]
+
+
+@pytest.mark.parametrize("S", [32, 20, 12, 3])
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_mlp_kernel_equals_torch_code(cpu_kernels, monkeypatch, S, use_weights):
+    from lengen_ttt.model import MLPBlock
+
+    N, d, h, K = 3, 4, 6, 8
+    results = []
+    for mode in ("torch", "cpp"):
+        monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
+        args = [t.clone().requires_grad_() for t in _mlp_args(N, S, d, h, K, torch.float64)]
+        outs = MLPBlock.apply(*args, K)
+        w = _mlp_args(N, S, d, h, K, torch.float64, seed=1)  # random output weights
+        loss = (outs[0] * w[1]).sum()
+        if use_weights:
+            loss = loss + sum((o * ww).sum() for o, ww in zip(outs[1:], w[5:]))
+        loss.backward()
+        results.append(list(outs) + [a.grad for a in args])
+    names = ["out", "W1n", "b1n", "W2n", "b2n", "qx", "bt", "lr", "s", "gamma2", "W1", "b1", "W2", "b2"]
+    for name, ref, got in zip(names, *results):
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("S", [12, 9, 3])
+def test_mlp_kernel_gradcheck(cpu_kernels, monkeypatch, S):
+    from lengen_ttt.model import MLPBlock
+
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
+    args = [t.requires_grad_() for t in _mlp_args(2, S, 4, 6, 4, torch.float64)]
+    assert torch.autograd.gradcheck(lambda *a: MLPBlock.apply(*a, 4), args, fast_mode=True)
+
+
+def test_mlp_kernel_float32_matches(cpu_kernels, monkeypatch):
+    from lengen_ttt.model import MLPBlock
+
+    outs = []
+    for mode in ("torch", "cpp"):
+        monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
+        with torch.no_grad():
+            outs.append(MLPBlock.apply(*_mlp_args(32, 64, 64, 256, 16, torch.float32), 16))
+    for ref, got in zip(*outs):
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-3)  # float32 summation order
+
+
 def test_kernel_mode_is_checked(monkeypatch):
     from lengen_ttt import kernels
 
     monkeypatch.setenv("LENGEN_TTT_KERNEL", "fast")
     with pytest.raises(ValueError, match="LENGEN_TTT_KERNEL='fast' is not one of auto, cpp, torch"):
-        kernels.linear_kernel()
+        kernels.cpu_kernels()
     monkeypatch.setenv("LENGEN_TTT_KERNEL", "torch")
-    assert kernels.linear_kernel() is None
+    assert kernels.cpu_kernels() is None
 
 
 def test_qkv_and_readout_gradcheck():

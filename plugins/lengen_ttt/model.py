@@ -67,7 +67,7 @@ from torch import nn
 from lengen.api import ArchConfig, Architecture, BuildContext, ParamGroup
 from lengen.nn import RMSNorm, SwiGLU, init_weights, swiglu_hidden
 
-from .kernels import linear_kernel
+from .kernels import cpu_kernels
 
 # d_model, n_layers, n_heads, d_ff (None: 8/3 x d_model). 125m .. 1b are the reference's
 # presets (the seeds ran 125m with d_ff = 3072: set d_ff to override).
@@ -242,7 +242,7 @@ class LinearBlock(torch.autograd.Function):
         full = (S // K) * K
         x = qx[:, S:]
         mqk = coefficient_masks(s, S, K)
-        ext = linear_kernel() if qx.device.type == "cpu" and qx.dtype in (torch.float32, torch.float64) else None
+        ext = cpu_kernels() if qx.device.type == "cpu" and qx.dtype in (torch.float32, torch.float64) else None
         ctx.ext, ctx.K = ext, K
         if ext is not None:  # the same computation, one (sequence, head) at a time in cache: kernels.py
             args = [t.contiguous() for t in (qx, bt, lr, mqk)], [t.contiguous() for t in (gamma2, W, b)]
@@ -350,6 +350,13 @@ class MLPBlock(torch.autograd.Function):
         x = qx[:, S:]
         s_last = s[K - 1]
         mqk = coefficient_masks(s, S, K)
+        ext = cpu_kernels() if qx.device.type == "cpu" and qx.dtype in (torch.float32, torch.float64) else None
+        ctx.ext, ctx.K = ext, K
+        if ext is not None:  # the same computation, one (sequence, head) at a time in cache: kernels.py
+            args = [t.contiguous() for t in (qx, bt, lr, mqk, gamma2, W1, b1, W2, b2)]
+            out, W1n, b1n, W2n, b2n, *saved = ext.mlp_forward(*args[:4], float(s_last), *args[4:], K, INNER_LN_EPS)
+            ctx.save_for_backward(*args[:4], s, args[4], args[5], args[7], *saved)
+            return out, W1n, b1n, W2n, b2n
         mq = mqk[:S]
         base = torch.baddbmm(b1, qx, W1)  # first layer at the block's start, [N, 2S, h]
         gram = torch.bmm(qx, x.transpose(1, 2))
@@ -400,6 +407,12 @@ class MLPBlock(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout, dW1e, db1e, dW2e, db2e):
+        if ctx.ext is not None:
+            qx, bt, lr, mqk, s, gamma2, W1, W2, *saved = ctx.saved_tensors
+            dout = torch.zeros_like(bt) if dout is None else dout.contiguous()
+            grads = ctx.ext.mlp_backward([dout, dW1e, db1e, dW2e, db2e], qx, bt, lr, mqk, float(s[ctx.K - 1]), gamma2,
+                                         W1, W2, saved, ctx.K)
+            return *grads, None
         qx, bt, lr, s, gamma2, W1, W2, LG1, LG2, X2, gram, a, mqk, dgelu_q, x2q, gram2, a2, *flat = ctx.saved_tensors
         saved = [flat[k:k + 10] for k in range(0, len(flat), 10)]
         K = ctx.K
