@@ -7,7 +7,8 @@ step (lengen's ``adamw``: fused where torch has it). ``sw`` is built through its
 window = L (plain causal attention); ``sdpa`` is written here as the yardstick, the usual way
 (RMSNorm, RoPE, causal F.scaled_dot_product_attention, SwiGLU).
 The architectures are interleaved round-robin (a few steps each per round) and each row
-reports the median step time over all its timed steps after warm-up.
+reports the median step time over all its timed steps after warm-up, and the median number of
+minor page faults the process took during a step (memory the allocator had to get anew).
 
     python benchmarks/train_speed.py                  # the table
     python benchmarks/train_speed.py --rounds 20 --json
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 
@@ -112,11 +114,13 @@ class Runner:
         self.data = torch.randint(0, vocab, (16, batch, length + 1), generator=g)
         self.i = 0
         self.times: list[float] = []
+        self.faults: list[int] = []  # minor page faults of the process during each timed step
         self.params = count_params(model)
 
     def step(self, record: bool):
         batch = self.data[self.i % len(self.data)]
         self.i += 1
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         logits, _ = self.model(batch[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -126,6 +130,7 @@ class Runner:
         dt = time.perf_counter() - t0
         if record:
             self.times.append(dt)
+            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 def eval_cost(names, args, extra, repeats: int = 5) -> dict:
@@ -188,6 +193,7 @@ def main(argv=None):
         q = statistics.quantiles(r.times, n=4) if len(r.times) > 1 else [med, med, med]
         rows[r.name] = {"params": r.params, "median_step_s": med, "tokens_per_s": tokens / med,
                         "tokens_per_s_q1_q3": [tokens / q[2], tokens / q[0]], "steps": len(r.times),
+                        "page_faults_per_step": statistics.median(r.faults),
                         "build_and_warmup_s": r.warmup_s}
     eval_rows = eval_cost(names, args, json.loads(args.ttt)) if args.eval_lengths else None
     ref = rows.get("sw", {}).get("tokens_per_s")
@@ -207,12 +213,12 @@ def main(argv=None):
     print(f"train step, batch {args.batch} x L {args.length}, fp32, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps, medians, allocator "
           f"{'tuned' if malloc_tuned else 'defaults'}")
-    print(f"{'arch':<12}{'params':>10}{'tokens/s':>10}{'(q1..q3)':>18}{'x sw':>7}{'warm s':>8}")
+    print(f"{'arch':<12}{'params':>10}{'tokens/s':>10}{'(q1..q3)':>18}{'x sw':>7}{'warm s':>8}{'faults':>8}")
     for name, row in rows.items():
         lo, hi = row["tokens_per_s_q1_q3"]
         ratio = f"{row['ratio_to_sw']:.2f}" if row["ratio_to_sw"] is not None else "-"
         print(f"{name:<12}{row['params'] / 1e6:>9.2f}M{row['tokens_per_s']:>10.0f}{f'{lo:.0f}..{hi:.0f}':>18}"
-              f"{ratio:>7}{row['build_and_warmup_s']:>8.1f}")
+              f"{ratio:>7}{row['build_and_warmup_s']:>8.1f}{row['page_faults_per_step']:>8.0f}")
     if eval_rows is not None:
         lengths = list(next(iter(eval_rows.values())))
         print(f"\nevaluation, batch 1, one forward over L tokens (no_grad): microseconds per token, medians")
