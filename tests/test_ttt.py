@@ -129,8 +129,10 @@ def test_dual_form_equals_naive_primal(inner, extra):
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
-def test_gradients_equal_naive_primal(inner):
+@pytest.mark.parametrize("kernel", ["torch", "auto"])  # the batched torch code, and the CPU kernels if they build
+def test_gradients_equal_naive_primal(inner, kernel, monkeypatch):
     """Backprop through the fast-weight updates (several dual-form blocks, a ragged tail)."""
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", kernel)
     model = build(inner, pre_conv=True)
     ids = torch.randint(0, VOCAB, (2, 8 * 2 + 3 + 1))
     x, target = ids[:, :-1], ids[:, 1:]
@@ -144,10 +146,11 @@ def test_gradients_equal_naive_primal(inner):
 
 
 @pytest.mark.parametrize("S", [12, 9, 3])
-def test_linear_block_backward_gradcheck(S):
-    """The hand-written backward of one dual-form block, all outputs used, ragged tails."""
+def test_linear_block_backward_gradcheck(S, monkeypatch):
+    """The hand-written backward of one dual-form block (the torch code), all outputs used, ragged tails."""
     from lengen_ttt.model import LinearBlock
 
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "torch")
     torch.manual_seed(0)
     N, d, K = 2, 4, 4
     dbl = dict(dtype=torch.float64, requires_grad=True)
@@ -159,9 +162,10 @@ def test_linear_block_backward_gradcheck(S):
 
 
 @pytest.mark.parametrize("S", [12, 9, 3])
-def test_mlp_block_backward_gradcheck(S):
+def test_mlp_block_backward_gradcheck(S, monkeypatch):
     from lengen_ttt.model import MLPBlock
 
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "torch")
     torch.manual_seed(0)
     N, d, h, K = 2, 4, 6, 4
     dbl = dict(dtype=torch.float64, requires_grad=True)
@@ -385,28 +389,6 @@ def test_linear_kernel_equals_torch_code(cpu_kernels, monkeypatch, S, use_weight
         torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("S", [12, 9, 3])
-def test_linear_kernel_gradcheck(cpu_kernels, monkeypatch, S):
-    from lengen_ttt.model import LinearBlock
-
-    monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
-    args = [t.requires_grad_() for t in _block_args(2, S, 4, 4, torch.float64)]
-    args[2] = (args[2].detach() + 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: LinearBlock.apply(*a, 4), args, fast_mode=True)
-
-
-def test_linear_kernel_float32_matches(cpu_kernels, monkeypatch):
-    from lengen_ttt.model import LinearBlock
-
-    outs = []
-    for mode in ("torch", "cpp"):
-        monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
-        with torch.no_grad():
-            outs.append(LinearBlock.apply(*_block_args(32, 64, 64, 16, torch.float32), 16))
-    for ref, got in zip(*outs):
-        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
-
-
 def _mlp_args(N, S, d, h, K, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
@@ -437,25 +419,54 @@ def test_mlp_kernel_equals_torch_code(cpu_kernels, monkeypatch, S, use_weights):
         torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _kernel_case(inner, N, S, dtype, big=False):
+    """The block class and random inputs of a given size for each inner model."""
+    from lengen_ttt.model import LinearBlock, MLPBlock
+
+    d, K = (64, 16) if big else (4, 4)
+    if inner == "linear":
+        return LinearBlock, _block_args(N, S, d, K, dtype), K
+    return MLPBlock, _mlp_args(N, S, d, 4 * d if big else 6, K, dtype), K
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("S", [12, 9, 3])
-def test_mlp_kernel_gradcheck(cpu_kernels, monkeypatch, S):
-    from lengen_ttt.model import MLPBlock
-
+def test_kernel_gradcheck(cpu_kernels, monkeypatch, inner, S):
     monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
-    args = [t.requires_grad_() for t in _mlp_args(2, S, 4, 6, 4, torch.float64)]
-    assert torch.autograd.gradcheck(lambda *a: MLPBlock.apply(*a, 4), args, fast_mode=True)
+    block, args, K = _kernel_case(inner, 2, S, torch.float64)
+    args = [t.requires_grad_() for t in args]
+    assert torch.autograd.gradcheck(lambda *a: block.apply(*a, K), args, fast_mode=True)
 
 
-def test_mlp_kernel_float32_matches(cpu_kernels, monkeypatch):
-    from lengen_ttt.model import MLPBlock
-
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_kernel_float32_matches(cpu_kernels, monkeypatch, inner):
+    """At the benchmark's sizes, to float32 summation-order differences."""
     outs = []
     for mode in ("torch", "cpp"):
         monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
+        block, args, K = _kernel_case(inner, 32, 64, torch.float32, big=True)
         with torch.no_grad():
-            outs.append(MLPBlock.apply(*_mlp_args(32, 64, 64, 256, 16, torch.float32), 16))
+            outs.append(block.apply(*args, K))
     for ref, got in zip(*outs):
-        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-3)  # float32 summation order
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-3)
+
+
+def test_kernel_build_failure_falls_back_or_fails_clearly(monkeypatch):
+    from lengen_ttt import kernels
+
+    def broken():
+        raise RuntimeError("Error building extension 'x'\nc++: command not found")
+
+    monkeypatch.setattr(kernels, "_build", broken)
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "auto")
+    with pytest.warns(UserWarning, match=r"did not compile \(c\+\+: command not found\); using the slower torch code"):
+        assert kernels.cpu_kernels() is None
+    assert kernels.cpu_kernels() is None  # tried once per process
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
+    with pytest.raises(RuntimeError, match="LENGEN_TTT_KERNEL=cpp but the TTT CPU kernels did not compile"):
+        kernels.cpu_kernels()
 
 
 def test_kernel_mode_is_checked(monkeypatch):
