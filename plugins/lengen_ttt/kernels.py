@@ -20,6 +20,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 MODES = ("auto", "cpp", "torch")
 _ext = None
 _error: str | None = None
@@ -32,10 +34,12 @@ def mode() -> str:
     return value
 
 
-def cpu_kernels():
-    """The compiled module, or None when the torch code is to run (mode ``torch``, or ``auto``
-    and it did not compile)."""
+def cpu_kernels(like=None):
+    """The compiled module, or None when the torch code is to run: mode ``torch``, mode
+    ``auto`` and it did not compile, or ``like`` (a tensor) is not a float32/float64 CPU tensor."""
     global _ext, _error
+    if like is not None and (like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64)):
+        return None
     m = mode()
     if m == "torch":
         return None
@@ -52,14 +56,21 @@ def cpu_kernels():
     return _ext
 
 
+def _compiled_already(name: str) -> bool:
+    try:  # torch's private helper, only to decide whether to announce a compile
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:
+        return False
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
-    from torch.utils.cpp_extension import _get_build_directory
-
     name = "lengen_ttt_blocks_v2"
     src = Path(__file__).with_name("blocks.cpp")
-    if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+    if not _compiled_already(name):
         print("lengen: compiling the TTT CPU kernels (once, about a minute) ...", file=sys.stderr, flush=True)
     return load(name=name, sources=[str(src)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 verbose=False)

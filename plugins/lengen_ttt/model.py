@@ -208,6 +208,14 @@ def coefficient_masks(s, S: int, K: int):
     return (coefficient_basis(S, K, s.device, s.dtype) @ s).view(2 * S, S)
 
 
+def _step_grad(x, dW, db):
+    """``x dW + db`` [N, full, h]: the gradient from the weights after the block (``dW``,
+    ``db``; either may be None) reaching each full mini-batch token's step ``lr_j g_j``, per
+    unit of the token scale (the step is ``W - s x^T lg``)."""
+    t = x @ dW if dW is not None else 0
+    return t + db if db is not None else t
+
+
 def dual_backward(dR, qx, W, LG, gram, mqk):
     """Backward of the dual form's first-layer read-out ``R = qx W + b - ((gram + 1) * m) @ LG``
     (``gram = qx . XK``, ``XK`` the second half of ``qx``; ``m`` the coefficient masks ``mqk``)
@@ -245,7 +253,7 @@ class LinearBlock(torch.autograd.Function):
         full = (S // K) * K
         x = qx[:, S:]
         mqk = coefficient_masks(s, S, K)
-        ext = cpu_kernels() if qx.device.type == "cpu" and qx.dtype in (torch.float32, torch.float64) else None
+        ext = cpu_kernels(qx)
         ctx.ext, ctx.K = ext, K
         if ext is not None:  # the same computation, one (sequence, head) at a time in cache: kernels.py
             args = [t.contiguous() for t in (qx, bt, lr, mqk)], [t.contiguous() for t in (gamma2, W, b)]
@@ -282,10 +290,9 @@ class LinearBlock(torch.autograd.Function):
     def backward(ctx, dout, dW1, db1):
         if ctx.ext is not None:
             qx, bt, lr, mqk, s, gamma2, W, *saved = ctx.saved_tensors
-            if dout is None:
-                dout = torch.zeros_like(bt)
+            dout = torch.zeros_like(bt) if dout is None else dout.contiguous()
             dqx, dbt, dlr, dm_s, dgamma2, dW, db = ctx.ext.backward(
-                dout.contiguous(), dW1, db1, qx, bt, lr, mqk, float(s[ctx.K - 1]), gamma2, W, *saved, ctx.K)
+                dout, dW1, db1, qx, bt, lr, mqk, float(s[ctx.K - 1]), gamma2, W, *saved, ctx.K)
             return dqx, dbt, dlr, dm_s, dgamma2, dW, db, None
         qx, bt, lr, s, gamma2, W, LG, gram, a, mqk, *saved = ctx.saved_tensors
         K = ctx.K
@@ -301,9 +308,7 @@ class LinearBlock(torch.autograd.Function):
         dLG = torch.bmm(a[:, :S].transpose(1, 2), dR[:, :S]).neg_()
         t = None
         if full and (dW1 is not None or db1 is not None):
-            t = x[:, :full] @ dW1 if dW1 is not None else 0
-            if db1 is not None:
-                t = t + db1
+            t = _step_grad(x[:, :full], dW1, db1)
             dLG[:, :full] -= t * s_last
         # reverse scan: the keys of a mini-batch also feed the inner gradients of later ones
         dbt = torch.empty_like(bt)
@@ -353,7 +358,7 @@ class MLPBlock(torch.autograd.Function):
         x = qx[:, S:]
         s_last = s[K - 1]
         mqk = coefficient_masks(s, S, K)
-        ext = cpu_kernels() if qx.device.type == "cpu" and qx.dtype in (torch.float32, torch.float64) else None
+        ext = cpu_kernels(qx)
         ctx.ext, ctx.K = ext, K
         if ext is not None:  # the same computation, one (sequence, head) at a time in cache: kernels.py
             args = [t.contiguous() for t in (qx, bt, lr, mqk, gamma2, W1, b1, W2, b2)]
@@ -443,9 +448,7 @@ class MLPBlock(torch.autograd.Function):
         ds_last = qx.new_zeros(())
         t1 = None
         if full and (dW1e is not None or db1e is not None):
-            t1 = x[:, :full] @ dW1e if dW1e is not None else 0
-            if db1e is not None:
-                t1 = t1 + db1e
+            t1 = _step_grad(x[:, :full], dW1e, db1e)
             dLG1[:, :full] -= s_last * t1
             ds_last = ds_last - (t1 * LG1[:, :full]).sum()
         # reverse scan
