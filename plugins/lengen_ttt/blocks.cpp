@@ -454,6 +454,8 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
   auto dW2 = torch::empty({N, h, d}, opt), db2 = torch::zeros({N, 1, d}, opt);
   const T *pq = qx.data_ptr<T>(), *pbt = bt.data_ptr<T>(), *plr = lr.data_ptr<T>(), *pm = mqk.data_ptr<T>(),
           *pg2 = gamma2.data_ptr<T>(), *pW1 = W1.data_ptr<T>(), *pW2 = W2.data_ptr<T>(), *pdo = dout.data_ptr<T>();
+  const T *pdW1e = has_dW1 ? dW1e.data_ptr<T>() : nullptr, *pdb1e = has_db1 ? db1e.data_ptr<T>() : nullptr,
+          *pdW2e = has_dW2 ? dW2e.data_ptr<T>() : nullptr, *pdb2e = has_db2 ? db2e.data_ptr<T>() : nullptr;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<T> a(2 * S * S), a2(S * S), x2q(S * h), dgq(S * h), dx2q(S * h), dLG2(S * d), p2(S * S),
         dX2(S * h), dLG1(S * h), dbase(2 * S * h), dW2c(h * d), db2c(d), t(std::max(K, full) * std::max(h, d)),
@@ -492,17 +494,17 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
       T ds_last = 0;
       if (full && (has_dW1 || has_db1)) {  // the first layer's weights after the block
         for (int r = 0; r < full; ++r)
-          for (int c = 0; c < h; ++c) t[r * h + c] = has_db1 ? db1e.data_ptr<T>()[n * h + c] : T(0);
-        if (has_dW1) gemm<T>(false, false, full, h, d, 1, x, d, dW1e.data_ptr<T>() + n * d * h, h, 1, t.data(), h);
+          for (int c = 0; c < h; ++c) t[r * h + c] = has_db1 ? pdb1e[n * h + c] : T(0);
+        if (has_dW1) gemm<T>(false, false, full, h, d, 1, x, d, pdW1e + n * d * h, h, 1, t.data(), h);
         for (int i = 0; i < full * h; ++i) {
           dLG1[i] -= s_last * t[i];
           ds_last -= t[i] * lg1[i];
         }
       }
       // reverse scan through the keys' mini-batches
-      if (has_dW2) std::copy(dW2e.data_ptr<T>() + n * h * d, dW2e.data_ptr<T>() + (n + 1) * h * d, dW2c.begin());
+      if (has_dW2) std::copy(pdW2e + n * h * d, pdW2e + (n + 1) * h * d, dW2c.begin());
       else std::fill(dW2c.begin(), dW2c.end(), T(0));
-      if (has_db2) std::copy(db2e.data_ptr<T>() + n * d, db2e.data_ptr<T>() + (n + 1) * d, db2c.begin());
+      if (has_db2) std::copy(pdb2e + n * d, pdb2e + (n + 1) * d, db2c.begin());
       else std::fill(db2c.begin(), db2c.end(), T(0));
       for (int mb = nb - 1; mb >= 0; --mb) {
         const int i = mb * K, e = std::min(S, i + K), m = e - i;
@@ -567,12 +569,12 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
       gemm<T>(true, false, S, d, S, -1, p.data(), S, q, d, 1, dq + S * d, d);
       gemm<T>(true, false, ck, d, S, -1, pk, S, x, d, 1, dq + S * d, d);
       if (full && has_dW1)
-        gemm<T>(false, true, full, d, h, -s_last, lg1, h, dW1e.data_ptr<T>() + n * d * h, h, 1, dq + S * d, d);
+        gemm<T>(false, true, full, d, h, -s_last, lg1, h, pdW1e + n * d * h, h, 1, dq + S * d, d);
       dsn[K - 1] += ds_last;
       if (has_dW1)
-        for (int i = 0; i < d * h; ++i) dW1n[i] += dW1e.data_ptr<T>()[n * d * h + i];
+        for (int i = 0; i < d * h; ++i) dW1n[i] += pdW1e[n * d * h + i];
       if (has_db1)
-        for (int c = 0; c < h; ++c) db1n[c] += db1e.data_ptr<T>()[n * h + c];
+        for (int c = 0; c < h; ++c) db1n[c] += pdb1e[n * h + c];
     }
   });
   return {dqx, dbt, dlr, ds.sum(0), dgamma2, dW1, db1, dW2, db2};

@@ -255,6 +255,7 @@ class LinearBlock(torch.autograd.Function):
         mqk = coefficient_masks(s, S, K)
         ext = cpu_kernels(qx)
         ctx.ext, ctx.K = ext, K
+        ctx.set_materialize_grads(False)  # unused outputs (the weights after the block) come back as None
         if ext is not None:  # the same computation, one (sequence, head) at a time in cache: kernels.py
             args = [t.contiguous() for t in (qx, bt, lr, mqk)], [t.contiguous() for t in (gamma2, W, b)]
             out, W1, b1, *saved = ext.forward(*args[0], float(s[K - 1]), *args[1], K, INNER_LN_EPS)
@@ -360,6 +361,7 @@ class MLPBlock(torch.autograd.Function):
         mqk = coefficient_masks(s, S, K)
         ext = cpu_kernels(qx)
         ctx.ext, ctx.K = ext, K
+        ctx.set_materialize_grads(False)  # unused outputs (the weights after the block) come back as None
         if ext is not None:  # the same computation, one (sequence, head) at a time in cache: kernels.py
             args = [t.contiguous() for t in (qx, bt, lr, mqk, gamma2, W1, b1, W2, b2)]
             out, W1n, b1n, W2n, b2n, *saved = ext.mlp_forward(*args[:4], float(s_last), *args[4:], K, INNER_LN_EPS)
