@@ -479,10 +479,16 @@ def test_kernel_mode_is_checked(monkeypatch):
     assert kernels.cpu_kernels() is None
 
 
-def test_qkv_and_readout_gradcheck():
-    """The layer's two hand-written glue functions against finite differences."""
+@pytest.mark.parametrize("mode", ["torch", "cpp"])
+def test_qkv_and_readout_gradcheck(monkeypatch, mode):
+    """The layer's two hand-written glue functions against finite differences, in the torch
+    code and in the CPU kernels (glue.cpp)."""
+    from lengen_ttt import kernels
     from lengen_ttt.model import QKV, Readout
 
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
+    if mode == "cpp" and kernels.cpu_kernels() is None:
+        pytest.skip(f"the TTT CPU kernels did not compile here: {kernels._error}")
     torch.manual_seed(0)
     B, T, H, d = 2, 5, 2, 4
     dbl = dict(dtype=torch.float64, requires_grad=True)
@@ -492,3 +498,30 @@ def test_qkv_and_readout_gradcheck():
     args = (torch.randn(B, H, T, d, **dbl), torch.randn(B, H, T, d, **dbl), torch.rand(H, 1, d, **dbl),
             torch.randn(H, 1, d, **dbl), torch.rand(H * d, **dbl), torch.randn(H * d, **dbl))
     assert torch.autograd.gradcheck(lambda *a: Readout.apply(*a, 1e-6, 1e-6), args, fast_mode=True)
+
+
+@pytest.mark.parametrize("unused", [None, 1, 2, 3])
+def test_glue_kernels_equal_torch_code(cpu_kernels, monkeypatch, unused):
+    """QKV and Readout in glue.cpp compute what their torch code computes, forward and every
+    gradient (float64), also when one of QKV's outputs gets no gradient (it arrives as None)."""
+    from lengen_ttt.model import QKV, Readout
+
+    B, T, H, d = 2, 7, 2, 8
+    g = torch.Generator().manual_seed(3)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    rot = torch.polar(torch.ones(T, d // 2), torch.rand(T, d // 2, generator=g))  # complex64, as the model's buffer
+    P, lr_bias = r(B, T, 3 * H * d + H), r(H)
+    z, q, w, b, pw, pb = r(B, H, T, d), r(B, H, T, d), r(H, 1, d), r(H, 1, d), r(H * d), r(H * d)
+    results = {}
+    for mode in ("torch", "cpp"):
+        monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
+        outs = QKV.apply(P, rot.to(torch.complex128), lr_bias, H, 0.3)
+        w_out = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)
+                 for i, o in enumerate(outs)]
+        loss = sum((o * wo).sum() for i, (o, wo) in enumerate(zip(outs, w_out)) if i != unused)
+        y = Readout.apply(z, q, w, b, pw, pb, 1e-6, 1e-5)
+        loss = loss + (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=y.dtype)).sum()
+        inputs = (P, lr_bias, z, q, w, b, pw, pb)
+        results[mode] = [o.detach() for o in (*outs, y)] + list(torch.autograd.grad(loss, inputs))
+    for want, got in zip(results["torch"], results["cpp"]):
+        assert torch.allclose(got, want, atol=1e-12, rtol=1e-10)

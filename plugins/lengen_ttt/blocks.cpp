@@ -622,9 +622,24 @@ std::vector<torch::Tensor> backward(torch::Tensor dout, c10::optional<torch::Ten
 
 }  // namespace
 
+namespace lengen_glue {  // glue.cpp: the layer's QKV and Readout functions
+using torch::Tensor;
+std::vector<Tensor> qkv_forward(Tensor P, Tensor rot, Tensor lr_bias, int64_t H, double scale);
+std::vector<Tensor> qkv_backward(c10::optional<Tensor> dqx, c10::optional<Tensor> dq, c10::optional<Tensor> dtgt,
+                                 c10::optional<Tensor> dlr, Tensor rot, Tensor sig, double scale, int64_t H);
+std::vector<Tensor> readout_forward(Tensor z, Tensor q, Tensor w, Tensor b, Tensor pw, Tensor pb, double eps,
+                                    double post_eps);
+std::vector<Tensor> readout_backward(Tensor dout, Tensor z, Tensor w, Tensor pw, Tensor y, Tensor mean, Tensor rstd,
+                                     Tensor pmean, Tensor prstd);
+}  // namespace lengen_glue
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "TTT-Linear dual-form block, forward");
   m.def("backward", &backward, "TTT-Linear dual-form block, backward");
   m.def("mlp_forward", &mlp_forward, "TTT-MLP dual-form block, forward");
   m.def("mlp_backward", &mlp_backward, "TTT-MLP dual-form block, backward");
+  m.def("qkv_forward", &lengen_glue::qkv_forward, "TTT layer's projection split, RoPE, target, learning rates");
+  m.def("qkv_backward", &lengen_glue::qkv_backward, "its backward");
+  m.def("readout_forward", &lengen_glue::readout_forward, "TTT layer's inner LN, residual and post-norm");
+  m.def("readout_backward", &lengen_glue::readout_backward, "its backward");
 }

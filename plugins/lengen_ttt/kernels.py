@@ -69,8 +69,8 @@ def _build():
     from torch.utils.cpp_extension import load
 
     name = "lengen_ttt_blocks_v2"
-    src = Path(__file__).with_name("blocks.cpp")
+    here = Path(__file__).parent
     if not _compiled_already(name):
         print("lengen: compiling the TTT CPU kernels (once, about a minute) ...", file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(src)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                verbose=False)
+    return load(name=name, sources=[str(here / "blocks.cpp"), str(here / "glue.cpp")],
+                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

@@ -517,6 +517,14 @@ class QKV(torch.autograd.Function):
     def forward(ctx, P, rot, lr_bias, H: int, scale: float):
         B, T, width = P.shape
         d = (width - H) // (3 * H)
+        ctx.set_materialize_grads(False)
+        ctx.ext = ext = cpu_kernels(P)
+        ctx.scale, ctx.shape = scale, (B, T, H, d)
+        if ext is not None:  # the same in one pass over the rows (glue.cpp)
+            rot = torch.view_as_real(rot).to(P.dtype).contiguous()
+            qx, q, tgt, lr, sig = ext.qkv_forward(P.contiguous(), rot, lr_bias.to(P.dtype).contiguous(), H, scale)
+            ctx.save_for_backward(rot, sig)
+            return qx, q, tgt, lr
         Pv = P[..., :3 * H * d].view(B, T, 3, H, d)
         src = Pv[:, :, :2].permute(0, 3, 2, 1, 4)  # [B, H, 2, T, d], strided
         qx = P.new_empty(B, H, 2, T, d)
@@ -525,12 +533,14 @@ class QKV(torch.autograd.Function):
         tgt = torch.sub(Pv[:, :, 2].transpose(1, 2), qx[:, :, 1])
         sig = torch.sigmoid(P[..., 3 * H * d:] + lr_bias).transpose(1, 2)  # [B, H, T]
         ctx.save_for_backward(rot, sig)
-        ctx.scale, ctx.shape = scale, (B, T, H, d)
         return qx, qx[:, :, 0].clone(), tgt, sig * scale
 
     @staticmethod
     def backward(ctx, dqx, dq, dtgt, dlr):
         rot, sig = ctx.saved_tensors
+        if ctx.ext is not None:
+            dP, dlr_bias = ctx.ext.qkv_backward(dqx, dq, dtgt, dlr, rot, sig, ctx.scale, ctx.shape[2])
+            return dP, None, dlr_bias, None, None
         B, T, H, d = ctx.shape
         g = dqx.clone() if dqx is not None else sig.new_zeros(B, H, 2, T, d)
         if dq is not None:
@@ -559,6 +569,12 @@ class Readout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, q, w, b, pw, pb, eps: float, post_eps: float):
         B, H, T, d = z.shape
+        ctx.ext = ext = cpu_kernels(z)
+        if ext is not None:  # the same in one pass over the rows (glue.cpp)
+            z, q, w, b, pw, pb = (t.contiguous() for t in (z, q, w, b, pw, pb))
+            out, y, mean, rstd, pmean, prstd = ext.readout_forward(z, q, w, b, pw, pb, eps, post_eps)
+            ctx.save_for_backward(z, w, pw, y, mean, rstd, pmean, prstd)
+            return out
         zh, mean, rstd = torch.native_layer_norm(z, [d], None, None, eps)
         y = torch.empty(B, T, H, d, dtype=z.dtype, device=z.device)
         torch.add(torch.addcmul(b, zh, w), q, out=y.permute(0, 2, 1, 3))
@@ -569,6 +585,9 @@ class Readout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.ext is not None:
+            dz, dq, dw, db, dpw, dpb = ctx.ext.readout_backward(dout, *ctx.saved_tensors)
+            return dz, dq, dw, db, dpw, dpb, None, None
         z, mean, rstd, zh, w, y, pmean, prstd, pw, pb = ctx.saved_tensors
         B, H, T, d = z.shape
         dy, dpw, dpb = torch.ops.aten.native_layer_norm_backward(
