@@ -70,17 +70,21 @@ inline T row_dot(const T* x, const T* y, int d) {
 }
 
 // Keys read only the keys of earlier mini-batches, so the keys' rows of every [2S, S] matrix
-// are zero past column ck = K * (number of full mini-batches before the last one): the
-// products stop there and the rest of those rows is never written nor read. (Restricting the
-// queries' rows to their causal blocks as well would save more arithmetic, but at these sizes
-// the extra BLAS calls cost more than they save.)
+// are zero past column ck = K * (number of full mini-batches before the last one), and the
+// rows of the first mini-batch's keys (the first kr = min(K, S)) are zero throughout: the
+// products cover rows [kr, S) x columns [0, ck) of the keys' part only, and the rest is never
+// written nor read. (Restricting the queries' rows to their causal blocks as well would save
+// more arithmetic, but at these sizes the extra BLAS calls cost more than they save.)
 inline int key_cols(int S, int K) { return ((S - 1) / K) * K; }
+
+// how many leading columns of row t of a [2S, S] matrix are read
+inline int row_cols(int t, int S, int K) { return t < S ? S : (t - S < K ? 0 : key_cols(S, K)); }
 
 // a = (gram + 1) * mqk, where it is read
 template <typename T>
 void coefficients(const T* gram, const T* mqk, T* a, int S, int K) {
   for (int t = 0; t < 2 * S; ++t) {
-    const int n = t < S ? S : key_cols(S, K);
+    const int n = row_cols(t, S, K);
 #pragma omp simd
     for (int j = 0; j < n; ++j) a[t * S + j] = (gram[t * S + j] + T(1)) * mqk[t * S + j];
   }
@@ -171,7 +175,7 @@ template <typename T>
 std::vector<torch::Tensor> forward_impl(const torch::Tensor& qx, const torch::Tensor& bt, const torch::Tensor& lr,
                                         const torch::Tensor& mqk, double s_last_, const torch::Tensor& gamma2,
                                         const torch::Tensor& W, const torch::Tensor& b, int64_t K_, double eps_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
   const int full = (S / K) * K;
   const T s_last = s_last_, eps = eps_;
   auto opt = qx.options();
@@ -193,7 +197,7 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& qx, const torch::Te
       for (int t = 0; t < 2 * S; ++t) std::copy(bn, bn + d, base.data() + t * d);
       gemm<T>(false, false, 2 * S, d, d, 1, q, d, Wn, d, 1, base.data(), d);
       gemm<T>(false, true, S, S, d, 1, q, d, x, d, 0, gr, S);  // the Gram matrix: queries, then keys
-      gemm<T>(false, true, S, ck, d, 1, x, d, x, d, 0, gr + S * S, S);
+      gemm<T>(false, true, S - kr, ck, d, 1, x + kr * d, d, x, d, 0, gr + (S + kr) * S, S);
       coefficients(gr, pm, a.data(), S, K);
       const T* ak = a.data() + S * S;
       T* zk = base.data() + S * d;  // the keys' inner outputs, completed mini-batch by mini-batch
@@ -228,7 +232,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
                                          const torch::Tensor& W, const torch::Tensor& LG, const torch::Tensor& gram,
                                          const torch::Tensor& ZH, const torch::Tensor& RSTD, const torch::Tensor& G,
                                          int64_t K_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
   const int full = (S / K) * K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1.defined(), has_db1 = db1.defined();
@@ -285,18 +289,18 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
 #pragma omp simd
         for (int c = 0; c < d; ++c) dbn[c] += dR[t * d + c];
       gemm<T>(false, true, S, S, d, 1, dR.data(), d, lg, d, 0, p.data(), S);  // p = dR LG^T
-      gemm<T>(false, true, S, ck, d, 1, dR.data() + S * d, d, lg, d, 0, p.data() + S * S, S);
+      gemm<T>(false, true, S - kr, ck, d, 1, dR.data() + (S + kr) * d, d, lg, d, 0, p.data() + (S + kr) * S, S);
       scale_grad(p.data(), gr, 0, 2 * S, S, K, dsn);
       for (int t = 0; t < 2 * S; ++t) {  // d gram
-        const int n = t < S ? S : ck;
+        const int n = row_cols(t, S, K);
 #pragma omp simd
         for (int j = 0; j < n; ++j) p[t * S + j] *= pm[t * S + j];
       }
       const T* pk = p.data() + S * S;  // through the Gram matrix to queries and keys
       gemm<T>(false, false, S, d, S, -1, p.data(), S, x, d, 1, dq, d);
-      gemm<T>(false, false, S, d, ck, -1, pk, S, x, d, 1, dq + S * d, d);
+      gemm<T>(false, false, S - kr, d, ck, -1, pk + kr * S, S, x, d, 1, dq + (S + kr) * d, d);
       gemm<T>(true, false, S, d, S, -1, p.data(), S, q, d, 1, dq + S * d, d);
-      gemm<T>(true, false, ck, d, S, -1, pk, S, x, d, 1, dq + S * d, d);
+      gemm<T>(true, false, ck, d, S - kr, -1, pk + kr * S, S, x + kr * d, d, 1, dq + S * d, d);
       if (full && has_dW1)
         gemm<T>(false, true, full, d, d, -s_last, lg, d, pdW1 + n * d * d, d, 1, dq + S * d, d);
       dsn[K - 1] += ds_last;
@@ -351,7 +355,7 @@ std::vector<torch::Tensor> mlp_forward_impl(const torch::Tensor& qx, const torch
                                             const torch::Tensor& mqk, double s_last_, const torch::Tensor& gamma2,
                                             const torch::Tensor& W1, const torch::Tensor& b1, const torch::Tensor& W2,
                                             const torch::Tensor& b2, int64_t K_, double eps_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
   const int full = (S / K) * K, nb = (S + K - 1) / K;
   const T s_last = s_last_, eps = eps_;
   auto opt = qx.options();
@@ -380,7 +384,7 @@ std::vector<torch::Tensor> mlp_forward_impl(const torch::Tensor& qx, const torch
       for (int t = 0; t < 2 * S; ++t) std::copy(b1n, b1n + h, base.data() + t * h);
       gemm<T>(false, false, 2 * S, h, d, 1, q, d, W1n, h, 1, base.data(), h);
       gemm<T>(false, true, S, S, d, 1, q, d, x, d, 0, gr, S);
-      gemm<T>(false, true, S, ck, d, 1, x, d, x, d, 0, gr + S * S, S);
+      gemm<T>(false, true, S - kr, ck, d, 1, x + kr * d, d, x, d, 0, gr + (S + kr) * S, S);
       coefficients(gr, pm, a.data(), S, K);
       const T* ak = a.data() + S * S;
       std::copy(W2n0, W2n0 + h * d, W2c);  // the second layer, carried through the mini-batches
@@ -443,7 +447,7 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
   const torch::Tensor &LG1 = saved[0], &LG2 = saved[1], &X2 = saved[2], &gram = saved[3], &Z1Q = saved[4],
                       &GRAM2 = saved[5], &Z1 = saved[6], &ZH = saved[7], &RSTD = saved[8], &G2 = saved[9],
                       &HH = saved[10], &W2S = saved[11], &SG = saved[12], &SGQ = saved[13];
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
   const int full = (S / K) * K, nb = (S + K - 1) / K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1e.defined(), has_db1 = db1e.defined(), has_dW2 = dW2e.defined(), has_db2 = db2e.defined();
@@ -557,17 +561,17 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
       for (int r = 0; r < 2 * S; ++r)
         for (int c = 0; c < h; ++c) db1n[c] += dbase[r * h + c];
       gemm<T>(false, true, S, S, h, 1, dbase.data(), h, lg1, h, 0, p.data(), S);
-      gemm<T>(false, true, S, ck, h, 1, dbase.data() + S * h, h, lg1, h, 0, p.data() + S * S, S);
+      gemm<T>(false, true, S - kr, ck, h, 1, dbase.data() + (S + kr) * h, h, lg1, h, 0, p.data() + (S + kr) * S, S);
       scale_grad(p.data(), gr, 0, 2 * S, S, K, dsn);
       for (int t_ = 0; t_ < 2 * S; ++t_) {
-        const int nc = t_ < S ? S : ck;
+        const int nc = row_cols(t_, S, K);
         for (int j = 0; j < nc; ++j) p[t_ * S + j] *= pm[t_ * S + j];
       }
       const T* pk = p.data() + S * S;
       gemm<T>(false, false, S, d, S, -1, p.data(), S, x, d, 1, dq, d);
-      gemm<T>(false, false, S, d, ck, -1, pk, S, x, d, 1, dq + S * d, d);
+      gemm<T>(false, false, S - kr, d, ck, -1, pk + kr * S, S, x, d, 1, dq + (S + kr) * d, d);
       gemm<T>(true, false, S, d, S, -1, p.data(), S, q, d, 1, dq + S * d, d);
-      gemm<T>(true, false, ck, d, S, -1, pk, S, x, d, 1, dq + S * d, d);
+      gemm<T>(true, false, ck, d, S - kr, -1, pk + kr * S, S, x + kr * d, d, 1, dq + S * d, d);
       if (full && has_dW1)
         gemm<T>(false, true, full, d, h, -s_last, lg1, h, pdW1e + n * d * h, h, 1, dq + S * d, d);
       dsn[K - 1] += ds_last;
