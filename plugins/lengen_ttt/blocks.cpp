@@ -69,26 +69,54 @@ inline T row_dot(const T* x, const T* y, int d) {
   return s;
 }
 
-// Keys read only the keys of earlier mini-batches, so the keys' rows of every [2S, S] matrix
-// are zero past column ck = K * (number of full mini-batches before the last one), and the
-// rows of the first mini-batch's keys (the first kr = min(K, S)) are zero throughout: the
-// products cover rows [kr, S) x columns [0, ck) of the keys' part only, and the rest is never
-// written nor read. (Restricting the queries' rows to their causal blocks as well would save
-// more arithmetic, but at these sizes the extra BLAS calls cost more than they save.)
+// The [2S, S] coefficient matrices are causal: query t reads the keys up to the end of its own
+// mini-batch, a key reads only the keys of earlier mini-batches. The products skip two parts
+// that are zero, and the rest of those rows is never written nor read:
+// - keys: rows of the first mini-batch (the first kr = min(K, S)) entirely, and for the other
+//   rows the columns past ck = K * (number of full mini-batches before the last one);
+// - queries: rows [0, sp) past column sp, sp being the first mini-batch boundary at or before
+//   S / 2 (0 for short blocks). Splitting the queries' products at every mini-batch boundary
+//   would save more arithmetic, but at these sizes the extra BLAS calls cost more than they save.
 inline int key_cols(int S, int K) { return ((S - 1) / K) * K; }
+inline int query_split(int S, int K) { return (S / 2 / K) * K; }
 
 // how many leading columns of row t of a [2S, S] matrix are read
-inline int row_cols(int t, int S, int K) { return t < S ? S : (t - S < K ? 0 : key_cols(S, K)); }
+inline int row_cols(int t, int S, int K) {
+  const int sp = query_split(S, K);
+  return t < sp ? sp : t < S ? S : (t - S < K ? 0 : key_cols(S, K));
+}
 
-// a = (gram + 1) * mqk, where it is read
+// The queries' products. A is a queries' [S, S] block (rows [0, sp) zero past column sp).
+// C[S, n] = alpha A B + beta C
 template <typename T>
-void coefficients(const T* gram, const T* mqk, T* a, int S, int K) {
-  for (int t = 0; t < 2 * S; ++t) {
+void gemm_q(int S, int sp, int n, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  gemm<T>(false, false, sp, n, sp, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm<T>(false, false, S - sp, n, S, alpha, A + sp * lda, lda, B, ldb, beta, C + sp * ldc, ldc);
+}
+// C[S, n] = alpha A^T B + beta C
+template <typename T>
+void gemm_qt(int S, int sp, int n, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  gemm<T>(true, false, sp, n, S, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm<T>(true, false, S - sp, n, S - sp, alpha, A + sp * lda + sp, lda, B + sp * ldb, ldb, beta, C + sp * ldc, ldc);
+}
+// A = alpha X Y^T (X [S, k], Y [S, k]), only where a queries' block is read
+template <typename T>
+void gemm_q_nt(int S, int sp, int k, T alpha, const T* X, int ldx, const T* Y, int ldy, T* A, int lda) {
+  gemm<T>(false, true, sp, sp, k, alpha, X, ldx, Y, ldy, T(0), A, lda);
+  gemm<T>(false, true, S - sp, S, k, alpha, X + sp * ldx, ldx, Y, ldy, T(0), A + sp * lda, lda);
+}
+
+// a = (gram + 1) * mqk, where it is read: all 2S rows, or the queries' S (coefficients_q)
+template <typename T>
+void coefficients(const T* gram, const T* mqk, T* a, int S, int K, int rows = -1) {
+  for (int t = 0; t < (rows < 0 ? 2 * S : rows); ++t) {
     const int n = row_cols(t, S, K);
 #pragma omp simd
     for (int j = 0; j < n; ++j) a[t * S + j] = (gram[t * S + j] + T(1)) * mqk[t * S + j];
   }
 }
+template <typename T>
+void coefficients_q(const T* gram, const T* mqk, T* a, int S, int K) { coefficients(gram, mqk, a, S, K, S); }
 
 // The inner loss's gradient for one token: with zh = LN(z) (no affine), go = bt + zh * gamma2,
 // g = rstd (go - mean(go) - zh mean(go zh)) (a LayerNorm backward). Writes zh and g, returns rstd.
@@ -175,7 +203,7 @@ template <typename T>
 std::vector<torch::Tensor> forward_impl(const torch::Tensor& qx, const torch::Tensor& bt, const torch::Tensor& lr,
                                         const torch::Tensor& mqk, double s_last_, const torch::Tensor& gamma2,
                                         const torch::Tensor& W, const torch::Tensor& b, int64_t K_, double eps_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K;
   const T s_last = s_last_, eps = eps_;
   auto opt = qx.options();
@@ -196,7 +224,7 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& qx, const torch::Te
       // f(XQ), f(XK) at the block's start; the Gram matrix; the coefficients
       for (int t = 0; t < 2 * S; ++t) std::copy(bn, bn + d, base.data() + t * d);
       gemm<T>(false, false, 2 * S, d, d, 1, q, d, Wn, d, 1, base.data(), d);
-      gemm<T>(false, true, S, S, d, 1, q, d, x, d, 0, gr, S);  // the Gram matrix: queries, then keys
+      gemm_q_nt<T>(S, sp, d, 1, q, d, x, d, gr, S);  // the Gram matrix: queries, then keys
       gemm<T>(false, true, S - kr, ck, d, 1, x + kr * d, d, x, d, 0, gr + (S + kr) * S, S);
       coefficients(gr, pm, a.data(), S, K);
       const T* ak = a.data() + S * S;
@@ -211,7 +239,7 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& qx, const torch::Te
         }
       }
       std::copy(base.data(), base.data() + S * d, o);
-      gemm<T>(false, false, S, d, S, -1, a.data(), S, lg, d, 1, o, d);
+      gemm_q<T>(S, sp, d, -1, a.data(), S, lg, d, 1, o, d);
       std::copy(Wn, Wn + d * d, W1n);
       std::copy(bn, bn + d, b1n);
       if (full) {  // the step after the block's full mini-batches, with the last token's scale
@@ -232,7 +260,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
                                          const torch::Tensor& W, const torch::Tensor& LG, const torch::Tensor& gram,
                                          const torch::Tensor& ZH, const torch::Tensor& RSTD, const torch::Tensor& G,
                                          int64_t K_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1.defined(), has_db1 = db1.defined();
@@ -259,7 +287,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
       const T* ak = a.data() + S * S;
       std::copy(don, don + S * d, dR.data());
       // the gradient reaching LG directly: through the query outputs and the weights after the block
-      gemm<T>(true, false, S, d, S, -1, a.data(), S, dR.data(), d, 0, dLG.data(), d);
+      gemm_qt<T>(S, sp, d, -1, a.data(), S, dR.data(), d, 0, dLG.data(), d);
       T ds_last = 0;
       if (full && (has_dW1 || has_db1)) {
         for (int r = 0; r < full; ++r)
@@ -288,7 +316,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
       for (int t = 0; t < 2 * S; ++t)
 #pragma omp simd
         for (int c = 0; c < d; ++c) dbn[c] += dR[t * d + c];
-      gemm<T>(false, true, S, S, d, 1, dR.data(), d, lg, d, 0, p.data(), S);  // p = dR LG^T
+      gemm_q_nt<T>(S, sp, d, 1, dR.data(), d, lg, d, p.data(), S);  // p = dR LG^T
       gemm<T>(false, true, S - kr, ck, d, 1, dR.data() + (S + kr) * d, d, lg, d, 0, p.data() + (S + kr) * S, S);
       scale_grad(p.data(), gr, 0, 2 * S, S, K, dsn);
       for (int t = 0; t < 2 * S; ++t) {  // d gram
@@ -297,9 +325,9 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
         for (int j = 0; j < n; ++j) p[t * S + j] *= pm[t * S + j];
       }
       const T* pk = p.data() + S * S;  // through the Gram matrix to queries and keys
-      gemm<T>(false, false, S, d, S, -1, p.data(), S, x, d, 1, dq, d);
+      gemm_q<T>(S, sp, d, -1, p.data(), S, x, d, 1, dq, d);
       gemm<T>(false, false, S - kr, d, ck, -1, pk + kr * S, S, x, d, 1, dq + (S + kr) * d, d);
-      gemm<T>(true, false, S, d, S, -1, p.data(), S, q, d, 1, dq + S * d, d);
+      gemm_qt<T>(S, sp, d, -1, p.data(), S, q, d, 1, dq + S * d, d);
       gemm<T>(true, false, ck, d, S - kr, -1, pk + kr * S, S, x + kr * d, d, 1, dq + S * d, d);
       if (full && has_dW1)
         gemm<T>(false, true, full, d, d, -s_last, lg, d, pdW1 + n * d * d, d, 1, dq + S * d, d);
@@ -355,7 +383,7 @@ std::vector<torch::Tensor> mlp_forward_impl(const torch::Tensor& qx, const torch
                                             const torch::Tensor& mqk, double s_last_, const torch::Tensor& gamma2,
                                             const torch::Tensor& W1, const torch::Tensor& b1, const torch::Tensor& W2,
                                             const torch::Tensor& b2, int64_t K_, double eps_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K, nb = (S + K - 1) / K;
   const T s_last = s_last_, eps = eps_;
   auto opt = qx.options();
@@ -383,7 +411,7 @@ std::vector<torch::Tensor> mlp_forward_impl(const torch::Tensor& qx, const torch
       // the first layer at the block's start, the Gram matrix, the coefficients
       for (int t = 0; t < 2 * S; ++t) std::copy(b1n, b1n + h, base.data() + t * h);
       gemm<T>(false, false, 2 * S, h, d, 1, q, d, W1n, h, 1, base.data(), h);
-      gemm<T>(false, true, S, S, d, 1, q, d, x, d, 0, gr, S);
+      gemm_q_nt<T>(S, sp, d, 1, q, d, x, d, gr, S);
       gemm<T>(false, true, S - kr, ck, d, 1, x + kr * d, d, x, d, 0, gr + (S + kr) * S, S);
       coefficients(gr, pm, a.data(), S, K);
       const T* ak = a.data() + S * S;
@@ -416,14 +444,14 @@ std::vector<torch::Tensor> mlp_forward_impl(const torch::Tensor& qx, const torch
       std::copy(b2n.begin(), b2n.end(), b2o.data_ptr<T>() + n * d);
       // the queries read both layers in dual form from the block's starting weights
       std::copy(base.data(), base.data() + S * h, z1q);
-      gemm<T>(false, false, S, h, S, -1, a.data(), S, lg1, h, 1, z1q, h);
+      gemm_q<T>(S, sp, h, -1, a.data(), S, lg1, h, 1, z1q, h);
       gelu_sigmoid(z1q, S * h, sgq);
       gelu_from<T>(z1q, sgq, S * h, x2q.data(), nullptr);
-      gemm<T>(false, true, S, S, h, 1, x2q.data(), h, X2n, h, 0, gr2, S);
+      gemm_q_nt<T>(S, sp, h, 1, x2q.data(), h, X2n, h, gr2, S);
       for (int t = 0; t < S; ++t) std::copy(pb2 + n * d, pb2 + (n + 1) * d, o + t * d);
-      for (int i = 0; i < S * S; ++i) a[i] = (gr2[i] + T(1)) * pm[i];  // the first S rows now hold a2
+      coefficients_q(gr2, pm, a.data(), S, K);  // the first S rows now hold a2
       gemm<T>(false, false, S, d, h, 1, x2q.data(), h, W2n0, d, 1, o, d);
-      gemm<T>(false, false, S, d, S, -1, a.data(), S, lg2, d, 1, o, d);
+      gemm_q<T>(S, sp, d, -1, a.data(), S, lg2, d, 1, o, d);
       T *W1c = W1o.data_ptr<T>() + n * d * h, *b1c = b1o.data_ptr<T>() + n * h;
       std::copy(W1n, W1n + d * h, W1c);
       std::copy(b1n, b1n + h, b1c);
@@ -447,7 +475,7 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
   const torch::Tensor &LG1 = saved[0], &LG2 = saved[1], &X2 = saved[2], &gram = saved[3], &Z1Q = saved[4],
                       &GRAM2 = saved[5], &Z1 = saved[6], &ZH = saved[7], &RSTD = saved[8], &G2 = saved[9],
                       &HH = saved[10], &W2S = saved[11], &SG = saved[12], &SGQ = saved[13];
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K, nb = (S + K - 1) / K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1e.defined(), has_db1 = db1e.defined(), has_dW2 = dW2e.defined(), has_db2 = db2e.defined();
@@ -480,21 +508,22 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
       coefficients(gr, pm, a.data(), S, K);
       const T* ak = a.data() + S * S;
       gelu_from(z1q, sgq, S * h, x2q.data(), dgq.data());
-      for (int i = 0; i < S * S; ++i) a2[i] = (gr2[i] + T(1)) * pm[i];
+      coefficients_q(gr2, pm, a2.data(), S, K);
       // the queries' second layer: out = x2q W2 + b2 - ((x2q X2^T + 1) * mq) @ LG2
       gemm<T>(false, true, S, h, d, 1, don, d, W2n, d, 0, dx2q.data(), h);
       gemm<T>(true, false, h, d, S, 1, x2q.data(), h, don, d, 0, dW2n, d);
       for (int r = 0; r < S; ++r)
         for (int c = 0; c < d; ++c) db2n[c] += don[r * d + c];
-      gemm<T>(true, false, S, d, S, -1, a2.data(), S, don, d, 0, dLG2.data(), d);
-      gemm<T>(false, true, S, S, d, 1, don, d, lg2, d, 0, p2.data(), S);
+      gemm_qt<T>(S, sp, d, -1, a2.data(), S, don, d, 0, dLG2.data(), d);
+      gemm_q_nt<T>(S, sp, d, 1, don, d, lg2, d, p2.data(), S);
       scale_grad(p2.data(), gr2, 0, S, S, K, dsn);
-      for (int i = 0; i < S * S; ++i) p2[i] *= pm[i];  // d gram2
-      gemm<T>(false, false, S, h, S, -1, p2.data(), S, X2n, h, 1, dx2q.data(), h);
-      gemm<T>(true, false, S, h, S, -1, p2.data(), S, x2q.data(), h, 0, dX2.data(), h);
+      for (int t_ = 0; t_ < S; ++t_)  // d gram2
+        for (int j = 0, nc = row_cols(t_, S, K); j < nc; ++j) p2[t_ * S + j] *= pm[t_ * S + j];
+      gemm_q<T>(S, sp, h, -1, p2.data(), S, X2n, h, 1, dx2q.data(), h);
+      gemm_qt<T>(S, sp, h, -1, p2.data(), S, x2q.data(), h, 0, dX2.data(), h);
       // the queries' first layer: z1q = base_q - a_q @ LG1
       for (int i = 0; i < S * h; ++i) dbase[i] = dx2q[i] * dgq[i];
-      gemm<T>(true, false, S, h, S, -1, a.data(), S, dbase.data(), h, 0, dLG1.data(), h);
+      gemm_qt<T>(S, sp, h, -1, a.data(), S, dbase.data(), h, 0, dLG1.data(), h);
       T ds_last = 0;
       if (full && (has_dW1 || has_db1)) {  // the first layer's weights after the block
         for (int r = 0; r < full; ++r)
@@ -560,7 +589,7 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
       gemm<T>(true, false, d, h, 2 * S, 1, q, d, dbase.data(), h, 0, dW1n, h);
       for (int r = 0; r < 2 * S; ++r)
         for (int c = 0; c < h; ++c) db1n[c] += dbase[r * h + c];
-      gemm<T>(false, true, S, S, h, 1, dbase.data(), h, lg1, h, 0, p.data(), S);
+      gemm_q_nt<T>(S, sp, h, 1, dbase.data(), h, lg1, h, p.data(), S);
       gemm<T>(false, true, S - kr, ck, h, 1, dbase.data() + (S + kr) * h, h, lg1, h, 0, p.data() + (S + kr) * S, S);
       scale_grad(p.data(), gr, 0, 2 * S, S, K, dsn);
       for (int t_ = 0; t_ < 2 * S; ++t_) {
@@ -568,9 +597,9 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
         for (int j = 0; j < nc; ++j) p[t_ * S + j] *= pm[t_ * S + j];
       }
       const T* pk = p.data() + S * S;
-      gemm<T>(false, false, S, d, S, -1, p.data(), S, x, d, 1, dq, d);
+      gemm_q<T>(S, sp, d, -1, p.data(), S, x, d, 1, dq, d);
       gemm<T>(false, false, S - kr, d, ck, -1, pk + kr * S, S, x, d, 1, dq + (S + kr) * d, d);
-      gemm<T>(true, false, S, d, S, -1, p.data(), S, q, d, 1, dq + S * d, d);
+      gemm_qt<T>(S, sp, d, -1, p.data(), S, q, d, 1, dq + S * d, d);
       gemm<T>(true, false, ck, d, S - kr, -1, pk + kr * S, S, x + kr * d, d, 1, dq + S * d, d);
       if (full && has_dW1)
         gemm<T>(false, true, full, d, h, -s_last, lg1, h, pdW1e + n * d * h, h, 1, dq + S * d, d);
