@@ -1,10 +1,13 @@
-"""The optional compiled CPU kernels for TTT's dual-form blocks (``blocks.cpp``).
+"""The optional compiled CPU kernels for TTT's dual-form blocks (``blocks.cpp``) and the
+layer's glue functions (``glue.cpp``), built as one extension.
 
 On CPU the dual form done with batched torch ops spends most of its time between ops
 (~100 per block, each touching every sequence x head before the next starts); the kernels
 do each (sequence, head) problem start to end in cache, with the same BLAS for the matrix
 products. They compute the same functions as ``model.LinearBlock`` and ``model.MLPBlock``'s
 torch code (the tests compare them, forward and backward, and gradcheck them in float64).
+``glue.cpp`` does ``model.QKV`` and ``model.Readout`` (elementwise work and LayerNorms) in
+one pass over the rows each way, tested the same way.
 
 They are compiled with the machine's C++ compiler the first time a TTT block runs on CPU
 (about a minute, once; cached by torch under ``~/.cache/torch_extensions``).

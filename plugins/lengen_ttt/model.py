@@ -44,8 +44,9 @@ A block is one ``torch.autograd.Function`` with a hand-written backward (a rever
 the mini-batches), checked against autograd through a naive token-by-token definition in the
 tests; eager autograd through the same computation is 1.5-2x slower on CPU. On CPU the two
 blocks' forward and backward run as compiled kernels (``blocks.cpp``, loaded by
-``kernels.py``) that compute the same thing one (sequence, head) at a time in cache; the torch
-code here is their reference and the GPU path.
+``kernels.py``) that compute the same thing one (sequence, head) at a time in cache, and so do
+the ``QKV`` and ``Readout`` glue functions (``glue.cpp``); the torch code here is their
+reference and the GPU path.
 
 State, per layer: the fast weights at the last mini-batch boundary; the keys, targets and
 learning rates of the pending (incomplete) mini-batch, whose tokens are folded into the
