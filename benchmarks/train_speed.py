@@ -13,6 +13,7 @@ minor page faults the process took during a step (memory the allocator had to ge
     python benchmarks/train_speed.py                  # the table
     python benchmarks/train_speed.py --rounds 20 --json
     python benchmarks/train_speed.py --eval-lengths 64,256,1024,4096   # also: forward cost per token vs L
+    python benchmarks/train_speed.py --archs ttt-mlp --profile 10      # torch.profiler table of 10 steps
 
 ``--eval-lengths`` adds a second table: evaluation (no_grad, batch 1, one call over L tokens)
 microseconds per token at each length, interleaved the same way: flat in L for TTT and for
@@ -153,6 +154,22 @@ def eval_cost(names, args, extra, repeats: int = 5) -> dict:
     return {n: {L: 1e6 * statistics.median(ts) / L for L, ts in row.items()} for n, row in times.items()}
 
 
+def profile(runners, steps: int, rows: int = 25):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for r in runners:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                r.step(record=False)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:rows]
+        print(f"\n{r.name}: {steps} steps, ms per step (self = excluding the ops it calls), calls per step")
+        print(f"{'op':<60}{'self':>9}{'total':>9}{'calls':>7}")
+        for e in events:
+            print(f"{e.key[:59]:<60}{e.self_cpu_time_total / 1e3 / steps:>9.2f}"
+                  f"{e.cpu_time_total / 1e3 / steps:>9.2f}{e.count / steps:>7.0f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", default="ttt-linear,ttt-mlp,sw,sdpa")
@@ -168,6 +185,9 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="keep glibc's allocator defaults (lengen run tunes them: lengen/allocator.py)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="instead of the table: torch.profiler over STEPS steps of each arch after warm-up, "
+                         "ops by total self time (ms per step)")
     args = ap.parse_args(argv)
     malloc_tuned = False if args.no_malloc_tuning else allocator.tune()
     torch.set_num_threads(args.threads)
@@ -182,6 +202,9 @@ def main(argv=None):
             r.step(record=False)
         r.warmup_s = time.perf_counter() - t0
         runners.append(r)
+    if args.profile:
+        profile(runners, args.profile)
+        return
     for _ in range(args.rounds):
         for r in runners:
             for _ in range(args.steps):
