@@ -107,6 +107,19 @@ std::vector<Tensor> qkv_backward_impl(const c10::optional<Tensor>& dqx_, const c
   return {dP, part.sum(0)};
 }
 
+// LayerNorm statistics of a row: writes its mean, returns 1 / sqrt(biased variance + eps)
+template <typename T>
+inline T mean_rstd(const T* x, int64_t n, T eps, T& mean) {
+  T m = 0, v = 0;
+#pragma omp simd reduction(+ : m)
+  for (int64_t c = 0; c < n; ++c) m += x[c];
+  m /= n;
+#pragma omp simd reduction(+ : v)
+  for (int64_t c = 0; c < n; ++c) v += (x[c] - m) * (x[c] - m);
+  mean = m;
+  return T(1) / std::sqrt(v / n + eps);
+}
+
 // Fixed row chunks, so that the parameter gradients' sums do not depend on the thread count.
 inline int64_t chunk_start(int64_t c, int64_t rows, int64_t chunks) { return c * rows / chunks; }
 
@@ -130,24 +143,14 @@ std::vector<Tensor> readout_forward_impl(const Tensor& z, const Tensor& q, const
       for (int64_t h = 0; h < H; ++h) {
         const int64_t k = (bi * H + h) * L + t;
         const T *zr = pz + k * d, *qr = pq + k * d, *wh = pwt + h * d, *bh = pbs + h * d;
-        T m = 0, v = 0;
-#pragma omp simd reduction(+ : m)
-        for (int64_t c = 0; c < d; ++c) m += zr[c];
-        m /= d;
-#pragma omp simd reduction(+ : v)
-        for (int64_t c = 0; c < d; ++c) v += (zr[c] - m) * (zr[c] - m);
-        const T rs = T(1) / std::sqrt(v / d + eps);
+        T m;
+        const T rs = mean_rstd<T>(zr, d, eps, m);
         pm[k] = m;
         pr[k] = rs;
         for (int64_t c = 0; c < d; ++c) yr[h * d + c] = (zr[c] - m) * rs * wh[c] + bh[c] + qr[c];
       }
-      T m = 0, v = 0;
-#pragma omp simd reduction(+ : m)
-      for (int64_t c = 0; c < D; ++c) m += yr[c];
-      m /= D;
-#pragma omp simd reduction(+ : v)
-      for (int64_t c = 0; c < D; ++c) v += (yr[c] - m) * (yr[c] - m);
-      const T rs = T(1) / std::sqrt(v / D + post_eps);
+      T m;
+      const T rs = mean_rstd<T>(yr, D, post_eps, m);
       ppm[row] = m;
       ppr[row] = rs;
       T* o = po + row * D;
