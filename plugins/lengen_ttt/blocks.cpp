@@ -203,7 +203,8 @@ template <typename T>
 std::vector<torch::Tensor> forward_impl(const torch::Tensor& qx, const torch::Tensor& bt, const torch::Tensor& lr,
                                         const torch::Tensor& mqk, double s_last_, const torch::Tensor& gamma2,
                                         const torch::Tensor& W, const torch::Tensor& b, int64_t K_, double eps_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_;
+  const int ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K;
   const T s_last = s_last_, eps = eps_;
   auto opt = qx.options();
@@ -260,7 +261,8 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
                                          const torch::Tensor& W, const torch::Tensor& LG, const torch::Tensor& gram,
                                          const torch::Tensor& ZH, const torch::Tensor& RSTD, const torch::Tensor& G,
                                          int64_t K_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_;
+  const int ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1.defined(), has_db1 = db1.defined();
@@ -383,7 +385,8 @@ std::vector<torch::Tensor> mlp_forward_impl(const torch::Tensor& qx, const torch
                                             const torch::Tensor& mqk, double s_last_, const torch::Tensor& gamma2,
                                             const torch::Tensor& W1, const torch::Tensor& b1, const torch::Tensor& W2,
                                             const torch::Tensor& b2, int64_t K_, double eps_) {
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_;
+  const int ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K, nb = (S + K - 1) / K;
   const T s_last = s_last_, eps = eps_;
   auto opt = qx.options();
@@ -475,7 +478,8 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
   const torch::Tensor &LG1 = saved[0], &LG2 = saved[1], &X2 = saved[2], &gram = saved[3], &Z1Q = saved[4],
                       &GRAM2 = saved[5], &Z1 = saved[6], &ZH = saved[7], &RSTD = saved[8], &G2 = saved[9],
                       &HH = saved[10], &W2S = saved[11], &SG = saved[12], &SGQ = saved[13];
-  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_, ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
+  const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_;
+  const int ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
   const int full = (S / K) * K, nb = (S + K - 1) / K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1e.defined(), has_db1 = db1e.defined(), has_dW2 = dW2e.defined(), has_db2 = db2e.defined();
