@@ -199,6 +199,62 @@ inline void scale_grad(const T* p, const T* gram, int t0, int t1, int S, int K, 
   }
 }
 
+// The weights after a block's `full` tokens, W - s_last x^T LG and b - s_last sum(LG) (x [., d]
+// the keys, LG [., w]): given their gradients dWe [d, w], dbe [w] (null if unused), adds their
+// share to dLG and returns the last token scale's (tmp: [full, w] scratch).
+template <typename T>
+T step_backward(const T* x, const T* lg, int w, const T* dWe, const T* dbe, int full, T s_last, int d, T* tmp,
+                T* dLG) {
+  T ds_last = 0;
+  if (!full || (!dWe && !dbe)) return ds_last;
+  for (int r = 0; r < full; ++r)
+    for (int c = 0; c < w; ++c) tmp[r * w + c] = dbe ? dbe[c] : T(0);
+  if (dWe) gemm<T>(false, false, full, w, d, 1, x, d, dWe, w, 1, tmp, w);
+  for (int i = 0; i < full * w; ++i) {
+    dLG[i] -= s_last * tmp[i];
+    ds_last -= tmp[i] * lg[i];
+  }
+  return ds_last;
+}
+
+// The backward of both blocks' dual-form read-out of their (first) layer, R = base - ((gram + 1)
+// * mqk) @ LG with base = q W + b (q [2S, d]: queries then keys x, W [d, w], LG [S, w],
+// gram = q x^T), given dR [2S, w], the gradient reaching R (the keys' rows filled by the scan),
+// and the gradients dWe [d, w], dbe [w] of the weights after the block's `full` tokens (null if
+// unused). Writes dq [2S, d] and dW [d, w], adds to db [w] and to the token scales' ds (all but
+// the last scale's term through dWe/dbe, which the scan adds); p [2S, S] is scratch.
+template <typename T>
+void readout_backward(const T* dR, const T* q, const T* W, const T* lg, int w, const T* gram, const T* mqk,
+                      const T* dWe, const T* dbe, int full, T s_last, int S, int K, int d, T* p, T* ds, T* dq, T* dW,
+                      T* db) {
+  const int ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
+  const T* x = q + S * d;
+  gemm<T>(false, true, 2 * S, d, w, 1, dR, w, W, w, 0, dq, d);
+  gemm<T>(true, false, d, w, 2 * S, 1, q, d, dR, w, 0, dW, w);
+  for (int t = 0; t < 2 * S; ++t)
+#pragma omp simd
+    for (int c = 0; c < w; ++c) db[c] += dR[t * w + c];
+  gemm_q_nt<T>(S, sp, w, 1, dR, w, lg, w, p, S);  // p = dR LG^T, where it is read
+  gemm<T>(false, true, S - kr, ck, w, 1, dR + (S + kr) * w, w, lg, w, 0, p + (S + kr) * S, S);
+  scale_grad(p, gram, 0, 2 * S, S, K, ds);
+  for (int t = 0; t < 2 * S; ++t) {  // p * mqk: the gradient of the Gram matrix
+    const int n = row_cols(t, S, K);
+#pragma omp simd
+    for (int j = 0; j < n; ++j) p[t * S + j] *= mqk[t * S + j];
+  }
+  const T* pk = p + S * S;  // through the Gram matrix to queries and keys
+  gemm_q<T>(S, sp, d, -1, p, S, x, d, 1, dq, d);
+  gemm<T>(false, false, S - kr, d, ck, -1, pk + kr * S, S, x, d, 1, dq + (S + kr) * d, d);
+  gemm_qt<T>(S, sp, d, -1, p, S, q, d, 1, dq + S * d, d);
+  gemm<T>(true, false, ck, d, S - kr, -1, pk + kr * S, S, x + kr * d, d, 1, dq + S * d, d);
+  if (dWe) {  // the weights after the block read the keys of its full mini-batches
+    if (full) gemm<T>(false, true, full, d, w, -s_last, lg, w, dWe, w, 1, dq + S * d, d);
+    for (int i = 0; i < d * w; ++i) dW[i] += dWe[i];
+  }
+  if (dbe)
+    for (int c = 0; c < w; ++c) db[c] += dbe[c];
+}
+
 template <typename T>
 std::vector<torch::Tensor> forward_impl(const torch::Tensor& qx, const torch::Tensor& bt, const torch::Tensor& lr,
                                         const torch::Tensor& mqk, double s_last_, const torch::Tensor& gamma2,
@@ -262,7 +318,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
                                          const torch::Tensor& ZH, const torch::Tensor& RSTD, const torch::Tensor& G,
                                          int64_t K_) {
   const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), K = K_;
-  const int ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
+  const int sp = query_split(S, K);
   const int full = (S / K) * K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1.defined(), has_db1 = db1.defined();
@@ -290,16 +346,8 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
       std::copy(don, don + S * d, dR.data());
       // the gradient reaching LG directly: through the query outputs and the weights after the block
       gemm_qt<T>(S, sp, d, -1, a.data(), S, dR.data(), d, 0, dLG.data(), d);
-      T ds_last = 0;
-      if (full && (has_dW1 || has_db1)) {
-        for (int r = 0; r < full; ++r)
-          for (int c = 0; c < d; ++c) t1[r * d + c] = has_db1 ? pdb1[n * d + c] : T(0);
-        if (has_dW1) gemm<T>(false, false, full, d, d, 1, x, d, pdW1 + n * d * d, d, 1, t1.data(), d);
-        for (int i = 0; i < full * d; ++i) {
-          dLG[i] -= s_last * t1[i];
-          ds_last -= t1[i] * lg[i];
-        }
-      }
+      T ds_last = step_backward(x, lg, d, has_dW1 ? pdW1 + n * d * d : nullptr, has_db1 ? pdb1 + n * d : nullptr,
+                                full, s_last, d, t1.data(), dLG.data());
       // reverse scan: the keys of a mini-batch also feed the inner gradients of later ones
       for (int i = ((S - 1) / K) * K; i >= 0; i -= K) {
         const int e = std::min(S, i + K);
@@ -312,32 +360,9 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& dout, const torch:
                         dR.data() + (S + r) * d, dbtn + r * d, dg2);
         }
       }
-      // the read-out R = qx W + b - ((gram + 1) * m) @ LG, backwards
-      gemm<T>(false, true, 2 * S, d, d, 1, dR.data(), d, Wn, d, 0, dq, d);
-      gemm<T>(true, false, d, d, 2 * S, 1, q, d, dR.data(), d, 0, dWn, d);
-      for (int t = 0; t < 2 * S; ++t)
-#pragma omp simd
-        for (int c = 0; c < d; ++c) dbn[c] += dR[t * d + c];
-      gemm_q_nt<T>(S, sp, d, 1, dR.data(), d, lg, d, p.data(), S);  // p = dR LG^T
-      gemm<T>(false, true, S - kr, ck, d, 1, dR.data() + (S + kr) * d, d, lg, d, 0, p.data() + (S + kr) * S, S);
-      scale_grad(p.data(), gr, 0, 2 * S, S, K, dsn);
-      for (int t = 0; t < 2 * S; ++t) {  // d gram
-        const int n = row_cols(t, S, K);
-#pragma omp simd
-        for (int j = 0; j < n; ++j) p[t * S + j] *= pm[t * S + j];
-      }
-      const T* pk = p.data() + S * S;  // through the Gram matrix to queries and keys
-      gemm_q<T>(S, sp, d, -1, p.data(), S, x, d, 1, dq, d);
-      gemm<T>(false, false, S - kr, d, ck, -1, pk + kr * S, S, x, d, 1, dq + (S + kr) * d, d);
-      gemm_qt<T>(S, sp, d, -1, p.data(), S, q, d, 1, dq + S * d, d);
-      gemm<T>(true, false, ck, d, S - kr, -1, pk + kr * S, S, x + kr * d, d, 1, dq + S * d, d);
-      if (full && has_dW1)
-        gemm<T>(false, true, full, d, d, -s_last, lg, d, pdW1 + n * d * d, d, 1, dq + S * d, d);
+      readout_backward(dR.data(), q, Wn, lg, d, gr, pm, has_dW1 ? pdW1 + n * d * d : nullptr,
+                       has_db1 ? pdb1 + n * d : nullptr, full, s_last, S, K, d, p.data(), dsn, dq, dWn, dbn);
       dsn[K - 1] += ds_last;
-      if (has_dW1)
-        for (int i = 0; i < d * d; ++i) dWn[i] += pdW1[n * d * d + i];
-      if (has_db1)
-        for (int c = 0; c < d; ++c) dbn[c] += pdb1[n * d + c];
     }
   });
   return {dqx, dbt, dlr, ds.sum(0), dgamma2, dW, db};
@@ -479,7 +504,7 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
                       &GRAM2 = saved[5], &Z1 = saved[6], &ZH = saved[7], &RSTD = saved[8], &G2 = saved[9],
                       &HH = saved[10], &W2S = saved[11], &SG = saved[12], &SGQ = saved[13];
   const int N = qx.size(0), S = qx.size(1) / 2, d = qx.size(2), h = W1.size(2), K = K_;
-  const int ck = key_cols(S, K), kr = std::min(K, S), sp = query_split(S, K);
+  const int sp = query_split(S, K);
   const int full = (S / K) * K, nb = (S + K - 1) / K;
   const T s_last = s_last_;
   const bool has_dW1 = dW1e.defined(), has_db1 = db1e.defined(), has_dW2 = dW2e.defined(), has_db2 = db2e.defined();
@@ -528,16 +553,9 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
       // the queries' first layer: z1q = base_q - a_q @ LG1
       for (int i = 0; i < S * h; ++i) dbase[i] = dx2q[i] * dgq[i];
       gemm_qt<T>(S, sp, h, -1, a.data(), S, dbase.data(), h, 0, dLG1.data(), h);
-      T ds_last = 0;
-      if (full && (has_dW1 || has_db1)) {  // the first layer's weights after the block
-        for (int r = 0; r < full; ++r)
-          for (int c = 0; c < h; ++c) t[r * h + c] = has_db1 ? pdb1e[n * h + c] : T(0);
-        if (has_dW1) gemm<T>(false, false, full, h, d, 1, x, d, pdW1e + n * d * h, h, 1, t.data(), h);
-        for (int i = 0; i < full * h; ++i) {
-          dLG1[i] -= s_last * t[i];
-          ds_last -= t[i] * lg1[i];
-        }
-      }
+      // the first layer's weights after the block
+      T ds_last = step_backward(x, lg1, h, has_dW1 ? pdW1e + n * d * h : nullptr, has_db1 ? pdb1e + n * h : nullptr,
+                                full, s_last, d, t.data(), dLG1.data());
       // reverse scan through the keys' mini-batches
       if (has_dW2) std::copy(pdW2e + n * h * d, pdW2e + (n + 1) * h * d, dW2c.begin());
       else std::fill(dW2c.begin(), dW2c.end(), T(0));
@@ -589,29 +607,9 @@ std::vector<torch::Tensor> mlp_backward_impl(const std::vector<torch::Tensor>& g
       for (int i = 0; i < h * d; ++i) dW2n[i] += dW2c[i];
       for (int c = 0; c < d; ++c) db2n[c] += db2c[c];
       // the first layer: base = qx W1 + b1, read out as base - ((gram + 1) * m) @ LG1
-      gemm<T>(false, true, 2 * S, d, h, 1, dbase.data(), h, W1n, h, 0, dq, d);
-      gemm<T>(true, false, d, h, 2 * S, 1, q, d, dbase.data(), h, 0, dW1n, h);
-      for (int r = 0; r < 2 * S; ++r)
-        for (int c = 0; c < h; ++c) db1n[c] += dbase[r * h + c];
-      gemm_q_nt<T>(S, sp, h, 1, dbase.data(), h, lg1, h, p.data(), S);
-      gemm<T>(false, true, S - kr, ck, h, 1, dbase.data() + (S + kr) * h, h, lg1, h, 0, p.data() + (S + kr) * S, S);
-      scale_grad(p.data(), gr, 0, 2 * S, S, K, dsn);
-      for (int t_ = 0; t_ < 2 * S; ++t_) {
-        const int nc = row_cols(t_, S, K);
-        for (int j = 0; j < nc; ++j) p[t_ * S + j] *= pm[t_ * S + j];
-      }
-      const T* pk = p.data() + S * S;
-      gemm_q<T>(S, sp, d, -1, p.data(), S, x, d, 1, dq, d);
-      gemm<T>(false, false, S - kr, d, ck, -1, pk + kr * S, S, x, d, 1, dq + (S + kr) * d, d);
-      gemm_qt<T>(S, sp, d, -1, p.data(), S, q, d, 1, dq + S * d, d);
-      gemm<T>(true, false, ck, d, S - kr, -1, pk + kr * S, S, x + kr * d, d, 1, dq + S * d, d);
-      if (full && has_dW1)
-        gemm<T>(false, true, full, d, h, -s_last, lg1, h, pdW1e + n * d * h, h, 1, dq + S * d, d);
+      readout_backward(dbase.data(), q, W1n, lg1, h, gr, pm, has_dW1 ? pdW1e + n * d * h : nullptr,
+                       has_db1 ? pdb1e + n * h : nullptr, full, s_last, S, K, d, p.data(), dsn, dq, dW1n, db1n);
       dsn[K - 1] += ds_last;
-      if (has_dW1)
-        for (int i = 0; i < d * h; ++i) dW1n[i] += pdW1e[n * d * h + i];
-      if (has_db1)
-        for (int c = 0; c < h; ++c) db1n[c] += pdb1e[n * h + c];
     }
   });
   return {dqx, dbt, dlr, ds.sum(0), dgamma2, dW1, db1, dW2, db2};
