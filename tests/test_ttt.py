@@ -1,6 +1,8 @@
 """TTT-Linear and TTT-MLP: the dual form against a naive primal definition, causality,
 exact streaming, truncated backprop with state passing, determinism, registration."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,15 +351,24 @@ def test_param_groups_decay_matrices_only():
 # the compiled CPU kernel for TTT-Linear's block (kernels.py) against the torch code
 
 
+def _skip_without_compiler():
+    """The kernel tests skip only where the kernels cannot be built at all: no C++ compiler.
+    With a compiler, a build error fails them (LENGEN_TTT_KERNEL=cpp raises, chained to the
+    build's exception and its compiler output)."""
+    from lengen_ttt import kernels
+
+    if kernels.compiler_path() is None:
+        pytest.skip(f"no C++ compiler here ({kernels.compiler()!r}, from $CXX or the default, is not on PATH): "
+                    "the TTT CPU kernels cannot be built")
+
+
 @pytest.fixture
 def cpu_kernels(monkeypatch):
     from lengen_ttt import kernels
 
-    monkeypatch.setenv("LENGEN_TTT_KERNEL", "auto")
-    ext = kernels.cpu_kernels()
-    if ext is None:
-        pytest.skip(f"the TTT-Linear CPU kernel did not compile here: {kernels._error}")
-    return ext
+    _skip_without_compiler()
+    monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
+    return kernels.cpu_kernels()
 
 
 def _block_args(N, S, d, K, dtype, seed=0):
@@ -460,13 +471,82 @@ def test_kernel_build_failure_falls_back_or_fails_clearly(monkeypatch):
     monkeypatch.setattr(kernels, "_build", broken)
     monkeypatch.setattr(kernels, "_ext", None)
     monkeypatch.setattr(kernels, "_error", None)
+    monkeypatch.setattr(kernels, "_exception", None)
     monkeypatch.setenv("LENGEN_TTT_KERNEL", "auto")
     with pytest.warns(UserWarning, match=r"did not compile \(c\+\+: command not found\); using the slower torch code"):
         assert kernels.cpu_kernels() is None
     assert kernels.cpu_kernels() is None  # tried once per process
     monkeypatch.setenv("LENGEN_TTT_KERNEL", "cpp")
-    with pytest.raises(RuntimeError, match="LENGEN_TTT_KERNEL=cpp but the TTT CPU kernels did not compile"):
+    with pytest.raises(RuntimeError, match="LENGEN_TTT_KERNEL=cpp but the TTT CPU kernels did not compile") as info:
         kernels.cpu_kernels()
+    assert "Error building extension" in str(info.value.__cause__)  # the whole build output, not just its last line
+
+
+def test_kernel_extension_name_is_a_hash_of_the_build():
+    """Same code, same name (installs share one build); any other source byte or flag, another
+    name (versions never overwrite each other's build)."""
+    from lengen_ttt import kernels
+
+    code = {"blocks.cpp": b"int f() { return 1; }", "glue.cpp": b"int g() { return 2; }"}
+    name = kernels.extension_name(code)
+    assert name.startswith("lengen_ttt_") and name.isidentifier()
+    assert kernels.extension_name(dict(code)) == name
+    assert kernels.extension_name({**code, "glue.cpp": b"int g() { return 3; }"}) != name
+    assert kernels.extension_name({"blocks.cpp": code["glue.cpp"], "glue.cpp": code["blocks.cpp"]}) != name
+    for flags in ("CFLAGS", "LDFLAGS"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, flags, (*getattr(kernels, flags), "-g"))
+            assert kernels.extension_name(code) != name
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "__version__", torch.__version__ + ".other")
+        assert kernels.extension_name(code) != name
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXX", "clang++")
+        assert kernels.extension_name(code) != name
+
+
+def test_kernel_first_build_is_announced_above_live_progress_bars(monkeypatch, tmp_path):
+    """lengen trains under rich progress bars on stderr: the announcement of the first build
+    must come out as a line of its own above them, not be drawn over."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from lengen_ttt import kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there yet
+    built = []
+    monkeypatch.setattr(kernels, "_compile", lambda name, directory, sources: built.append((name, directory, sources)))
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100)
+    with Progress(console=console) as progress:
+        progress.add_task("train ttt", total=10)
+        kernels._build()
+    (name, directory, sources), = built
+    assert directory == tmp_path / name and [s.parent for s in sources] == [directory] * 2  # built from copies there
+    lines = [line.rsplit("\x1b[2K", 1)[-1] for line in out.getvalue().replace("\r", "\n").splitlines()]
+    assert "lengen: compiling the TTT CPU kernels (once, about a minute) ..." in lines
+
+
+def test_kernel_build_is_shared_by_installs_at_other_paths(cpu_kernels, monkeypatch, tmp_path, capsys):
+    """A second copy of the plugin elsewhere (another checkout, another venv) imports the same
+    built library, without compiling or even announcing a compile."""
+    import importlib.util
+    import shutil
+
+    from lengen_ttt import kernels
+
+    copy = tmp_path / "elsewhere" / "lengen_ttt"
+    shutil.copytree(Path(kernels.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.util.spec_from_file_location("lengen_ttt_elsewhere_kernels", copy / "kernels.py")
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    monkeypatch.setattr(other, "_compile", lambda *a: pytest.fail("compiled again for a copy at another path"))
+    capsys.readouterr()
+    ext = other._build()
+    assert Path(ext.__file__) == Path(cpu_kernels.__file__)
+    assert "compiling" not in capsys.readouterr().err
 
 
 def test_kernel_mode_is_checked(monkeypatch):
@@ -487,8 +567,9 @@ def test_qkv_and_readout_gradcheck(monkeypatch, mode):
     from lengen_ttt.model import QKV, Readout
 
     monkeypatch.setenv("LENGEN_TTT_KERNEL", mode)
-    if mode == "cpp" and kernels.cpu_kernels() is None:
-        pytest.skip(f"the TTT CPU kernels did not compile here: {kernels._error}")
+    if mode == "cpp":
+        _skip_without_compiler()
+        kernels.cpu_kernels()  # a build error fails the test here
     torch.manual_seed(0)
     B, T, H, d = 2, 5, 2, 4
     dbl = dict(dtype=torch.float64, requires_grad=True)
