@@ -4,16 +4,25 @@ Plugins are modules named by entry points in the ``lengen`` group; the built-ins
 ``plugins/`` are declared in lengen's own ``pyproject.toml`` exactly like a third party's.
 Entry points are loaded one by one, so a plugin that fails to import (or implements a
 misspelt hook) is reported and the others keep working. Nothing here imports torch.
+
+Hooks are called by pluggy itself, so they run in pluggy's order (the plugin registered last
+is called first; ``tryfirst`` / ``trylast`` move an implementation; ``wrapper=True`` and
+``hookwrapper=True`` implementations wrap the others). What lengen adds is containment: each
+plugin's implementation is called through a guard, so an exception in one plugin is charged
+to that plugin and the implementations after it still run.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import pluggy
@@ -100,15 +109,23 @@ class PluginHost:
         # the same way on every machine.
         def key(ep):
             dist = ep.dist.name if ep.dist else ""
-            return (dist != "lengen", ep.name)
+            return (dist != "lengen", ep.name, dist)
 
-        seen: set[str] = set()
+        taken: dict[str, str | None] = {}  # entry-point name -> distribution that has it
         for ep in sorted(eps, key=key):
-            if ep.name in seen:  # the same distribution found twice on sys.path
-                continue
-            seen.add(ep.name)
             dist = ep.dist.name if ep.dist else None
             version = ep.dist.version if ep.dist else None
+            if ep.name in taken:
+                if taken[ep.name] == dist:  # the same distribution found twice on sys.path
+                    continue
+                clash = PluginInfo(f"{ep.name} ({dist})", dist, version, ep.value, status="failed")
+                clash.errors.append(
+                    f"not loaded: its entry-point name {ep.name!r} is already taken by "
+                    f"{taken[ep.name] or 'another plugin'}; rename the entry point in {dist or 'its'} "
+                    f"pyproject.toml ([project.entry-points.lengen])")
+                self.infos[clash.name] = clash
+                continue
+            taken[ep.name] = dist
             info = PluginInfo(ep.name, dist, version, ep.value)
             self.infos[ep.name] = info
             if ep.name in self.disabled:
@@ -139,22 +156,61 @@ class PluginHost:
         return info
 
     def _register(self, plugin: Any, info: PluginInfo) -> None:
+        proxy = self._guarded(plugin, info)
         try:
-            self.pm.register(plugin, name=info.name)
+            self.pm.register(proxy, name=info.name)
         except Exception as exc:  # noqa: BLE001 - pluggy validation errors, duplicate names
             info.status = "failed"
             info.errors.append(f"{type(exc).__name__}: {exc}")
             return
-        unknown = [c.name for c in self.pm.get_hookcallers(plugin) or [] if c.spec is None]
+        unknown = [c.name for c in self.pm.get_hookcallers(proxy) or [] if c.spec is None]
         if unknown:
-            self.pm.unregister(plugin)
+            self.pm.unregister(proxy)
             info.status = "failed"
             for hook in unknown:
                 close = closest_hook(hook)
                 fix = f"did you mean {close!r}?" if close else "hooks are: " + ", ".join(HOOK_NAMES)
                 info.errors.append(f"{hook!r} is not a lengen hook; {fix}")
             return
-        info.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+        info.hooks = sorted(c.name for c in self.pm.get_hookcallers(proxy) or [])
+
+    def _guarded(self, plugin: Any, info: PluginInfo) -> SimpleNamespace:
+        """What pluggy registers for ``plugin``: its ``lengen_*`` functions, each wrapped so
+        that an exception is charged to this plugin instead of stopping the hook call. Hook
+        wrappers (generators around the others) are registered as they are."""
+        proxy = SimpleNamespace(__name__=getattr(plugin, "__name__", type(plugin).__name__))
+        for name in dir(plugin):
+            if not name.startswith(PREFIX):
+                continue
+            fn = getattr(plugin, name, None)
+            if not callable(fn):
+                continue
+            opts = getattr(fn, "lengen_impl", None) or {}
+            if opts.get("wrapper") or opts.get("hookwrapper") or inspect.isgeneratorfunction(fn):
+                setattr(proxy, name, fn)
+            else:
+                setattr(proxy, name, self._guard(fn, name, info))
+        return proxy
+
+    @staticmethod
+    def _guard(fn, hook_name: str, info: PluginInfo):
+        @functools.wraps(fn)  # keeps the argument names pluggy reads and the hookimpl options
+        def guard(*args, **kwargs):
+            registry = next((a for a in args if isinstance(a, Registry)), None)
+            if registry is not None:
+                registry._plugin = info
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - one plugin must not take down the rest
+                info.errors.append(f"{hook_name} raised {type(exc).__name__}: {exc}")
+                if not hook_name.startswith("lengen_register"):
+                    warnings.warn(f"plugin {info.name!r}: {info.errors[-1]}", stacklevel=2)
+                return None
+            finally:
+                if registry is not None:
+                    registry._plugin = None
+
+        return guard
 
     # -- registries ----------------------------------------------------------------------
     def registry(self, kinds: str) -> Registry:
@@ -163,8 +219,9 @@ class PluginHost:
             raise KeyError(kinds)
         if kinds not in self._registries:
             registry = Registry(KINDS[kinds])
-            self._call_each(f"lengen_register_{kinds}", registry=registry)
+            self._call(f"lengen_register_{kinds}", registry=registry)
             registry.failed_plugins = [i.name for i in self.infos.values() if i.status == "failed"]
+            registry.disabled_plugins = [i.name for i in self.infos.values() if i.status == "disabled"]
             self._registries[kinds] = registry
         return self._registries[kinds]
 
@@ -188,30 +245,22 @@ class PluginHost:
         for kinds in KINDS:
             self.registry(kinds)
 
-    def _call_each(self, hook_name: str, **kwargs) -> None:
-        """Call each plugin's implementation on its own, so a failure is charged to the
-        plugin that raised it and the others still run."""
-        registry = kwargs.get("registry")
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():  # registration order
-            info = self.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name)
-            if registry is not None:
-                registry._plugin = info
-            try:
-                impl.function(*[kwargs[a] for a in impl.argnames])
-            except Exception as exc:  # noqa: BLE001 - one plugin must not take down the rest
-                info.errors.append(f"{hook_name} raised {type(exc).__name__}: {exc}")
-                if hook_name.startswith("lengen_run") or hook_name.startswith("lengen_checkpoint"):
-                    warnings.warn(f"plugin {impl.plugin_name!r}: {info.errors[-1]}", stacklevel=2)
-            finally:
-                if registry is not None:
-                    registry._plugin = None
+    def _call(self, hook_name: str, **kwargs) -> list:
+        """Call a hook the way pluggy does (order, tryfirst / trylast, wrappers); each
+        plugin's implementation is guarded (see :meth:`_guarded`). An exception that escapes
+        a hook wrapper is warned about, naming the hook."""
+        try:
+            return getattr(self.pm.hook, hook_name)(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - raised by a hook wrapper
+            warnings.warn(f"a wrapper of hook {hook_name!r} raised {type(exc).__name__}: {exc}", stacklevel=2)
+            return []
 
     def register_commands(self, cli) -> None:
-        self._call_each("lengen_register_commands", cli=cli)
+        self._call("lengen_register_commands", cli=cli)
 
     def notify(self, hook_name: str, event) -> None:
         """Send a lifecycle event to every observer; an observer that raises is warned about."""
-        self._call_each(hook_name, event=event)
+        self._call(hook_name, event=event)
 
     # -- reporting -----------------------------------------------------------------------
     def errors(self) -> list[tuple[str, str]]:

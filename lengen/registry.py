@@ -34,6 +34,7 @@ class Entry:
     distribution: str | None = None
     version: str | None = None
     _loaded: Any = field(default=None, repr=False)
+    _info: Any = field(default=None, repr=False)  # the PluginInfo of the plugin that added it
 
     @property
     def origin(self) -> str:
@@ -79,8 +80,8 @@ class Registry:
     """Name -> :class:`Entry` for one kind of component.
 
     ``add`` is what plugins call. A second registration of a taken name is recorded as a
-    conflict: it is reported against the second plugin, and looking the name up raises an
-    error naming both plugins, so neither silently wins.
+    conflict: it is reported against every plugin involved, and looking the name up raises an
+    error naming them, so none silently wins.
     """
 
     def __init__(self, kind: str):
@@ -89,6 +90,7 @@ class Registry:
         self._conflicts: dict[str, list[Entry]] = {}
         self._plugin: Any = None  # PluginInfo of the plugin whose hook is running
         self.failed_plugins: list[str] = []  # plugins that failed to load (named in lookup errors)
+        self.disabled_plugins: list[str] = []  # plugins disabled by LENGEN_DISABLE_PLUGINS (likewise)
 
     def add(self, name: str, target: Any, *, description: str = "", defaults: dict | None = None) -> None:
         if not isinstance(name, str) or not name:
@@ -103,25 +105,30 @@ class Registry:
             plugin=getattr(info, "name", "?"),
             distribution=getattr(info, "distribution", None),
             version=getattr(info, "version", None),
+            _info=info,
         )
         if name in self._entries:
             first = self._entries[name]
-            self._conflicts.setdefault(name, [first]).append(entry)
+            involved = self._conflicts.setdefault(name, [first])
+            involved.append(entry)
             message = self._duplicate_message(name)
-            if info is not None:
-                info.errors.append(message)
+            charged = set()
+            for e in involved:  # every plugin involved hears of it, each once
+                if e._info is not None and id(e._info) not in charged:
+                    charged.add(id(e._info))
+                    e._info.errors[:] = [m for m in e._info.errors if not m.startswith(f"duplicate {self.kind} {name!r}:")]
+                    e._info.errors.append(message)
             return
         self._entries[name] = entry
         if info is not None:
             info.components.setdefault(self.kind, []).append(name)
 
     def _duplicate_message(self, name: str) -> str:
-        who = " and ".join(e.origin for e in self._conflicts[name])
-        later = self._conflicts[name][-1].plugin
-        return (
-            f"duplicate {self.kind} {name!r}: registered by {who}; rename one, or disable "
-            f"one with LENGEN_DISABLE_PLUGINS={later}"
-        )
+        involved = self._conflicts[name]
+        who = " and ".join(e.origin for e in involved)
+        third = [e.plugin for e in involved if e.distribution != "lengen"] or [e.plugin for e in involved]
+        disable = " or ".join(f"LENGEN_DISABLE_PLUGINS={p}" for p in dict.fromkeys(third))
+        return f"duplicate {self.kind} {name!r}: registered by {who}; rename one, or disable one with {disable}"
 
     def get(self, name: str) -> Entry:
         if name in self._conflicts:
@@ -133,6 +140,9 @@ class Registry:
             if self.failed_plugins:
                 msg += (f" Plugins that failed to load and may provide it: {', '.join(self.failed_plugins)} "
                         "(`lengen plugins` shows why).")
+            if self.disabled_plugins:
+                msg += (f" Disabled by LENGEN_DISABLE_PLUGINS and may provide it: {', '.join(self.disabled_plugins)} "
+                        "(remove it from that variable to use it).")
             raise UnknownComponentError(msg) from None
 
     def load(self, name: str) -> Any:

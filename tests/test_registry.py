@@ -150,3 +150,74 @@ def test_unknown_name_mentions_plugins_that_failed(fake_dist):
     fake_dist("fakeplug-broken3", {"fakebroken3": "fakeplug_missing_module3"})
     with pytest.raises(UnknownComponentError, match="Plugins that failed to load and may provide it: fakebroken3"):
         PluginHost().architectures.get("causalconv")
+
+
+def test_hooks_run_in_pluggys_order_with_tryfirst_trylast_and_wrappers():
+    """lengen calls hooks through pluggy: the plugin registered last runs first, tryfirst /
+    trylast move an implementation, and a wrapper sees the others run inside it."""
+    calls = []
+
+    def observer(tag, **opts):
+        class Obs:
+            @hookimpl(**opts)
+            def lengen_run_start(self, event):
+                calls.append(tag)
+        return Obs()
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def lengen_run_start(self, event):
+            calls.append("wrap-before")
+            result = yield
+            calls.append("wrap-after")
+            return result
+
+    host = PluginHost(load_entry_points=False, plugins=[
+        ("a", observer("a")), ("late", observer("late", trylast=True)), ("b", observer("b")),
+        ("early", observer("early", tryfirst=True)), ("w", Wrapper())])
+    host.notify("lengen_run_start", "evt")
+    assert calls == ["wrap-before", "early", "b", "a", "late", "wrap-after"]
+
+
+def test_a_raising_implementation_does_not_stop_the_ones_after_it():
+    calls = []
+
+    class Raises:
+        @hookimpl(tryfirst=True)
+        def lengen_run_start(self, event):
+            raise ValueError("first one broke")
+
+    class After:
+        @hookimpl
+        def lengen_run_start(self, event):
+            calls.append(event)
+
+    host = PluginHost(load_entry_points=False, plugins=[("after", After()), ("raises", Raises())])
+    with pytest.warns(UserWarning, match="plugin 'raises': lengen_run_start raised ValueError: first one broke"):
+        host.notify("lengen_run_start", "evt")
+    assert calls == ["evt"]
+    assert host.infos["raises"].errors == ["lengen_run_start raised ValueError: first one broke"]
+
+
+def test_entry_point_name_clashing_with_a_builtin_is_reported(fake_dist):
+    fake_dist("fakeplug-clash", {"sw": "fakeplug_clash"}, {"fakeplug_clash.py": """
+        from lengen import hookimpl
+
+        @hookimpl
+        def lengen_register_architectures(registry):
+            registry.add("clash-arch", "lengen.testing:BigramLM")
+    """})
+    host = PluginHost()
+    assert host.infos["sw"].distribution == "lengen" and host.infos["sw"].status == "loaded"
+    clash = host.infos["sw (fakeplug-clash)"]
+    assert clash.status == "failed"
+    assert "entry-point name 'sw' is already taken by lengen" in clash.errors[0]
+    assert "rename the entry point" in clash.errors[0]
+    assert ("sw (fakeplug-clash)", clash.errors[0]) in host.errors()  # warned on every command
+    assert "sw" in host.architectures and "clash-arch" not in host.architectures
+
+
+def test_asking_for_a_component_of_a_disabled_plugin_names_it(monkeypatch):
+    monkeypatch.setenv("LENGEN_DISABLE_PLUGINS", "sw")
+    with pytest.raises(UnknownComponentError, match="Disabled by LENGEN_DISABLE_PLUGINS and may provide it: sw"):
+        PluginHost().architectures.get("sw")
