@@ -256,6 +256,10 @@ def test_file_errors_are_one_line(tmp_path, corpus_dir):
     (corpus_dir / "bad.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(ConfigError, match="not valid utf-8.*data.encoding"):
         load_text(tmp_path, {"kind": "byte"}, train="bad.txt", eval="eval/*.txt")
+    (corpus_dir / "binary.txt").write_bytes(b"PK\x03\x04\x00\x00\xff\xfe binary")  # e.g. a zip renamed .txt
+    with pytest.raises(ConfigError, match=r"binary.txt: binary data \(a NUL byte at offset 4\), not text") as exc:
+        load_text(tmp_path, {"kind": "byte"}, train="binary.txt", eval="eval/*.txt")
+    assert "latin" not in str(exc.value)
     with pytest.raises(ConfigError, match="only 1 document"):
         load_text(tmp_path, {"kind": "byte"}, train="train/doc0.txt")
 
@@ -529,4 +533,5 @@ def test_cli_reports_a_bad_data_key_in_one_line(tmp_path, corpus_dir):
     res = CliRunner().invoke(make_cli(), ["run", "--arch", "sw", "--benchmark", "t", "--benchmarks-file", str(bench),
                                           "--results", str(tmp_path / "r")])
     assert res.exit_code != 0
-    assert "unknown key 'document'; did you mean 'documents'?" in res.output and "Traceback" not in res.output
+    assert f"Error: {bench}:6: suite 't': unknown key 'document' in [t.data]; did you mean 'documents'?" in res.output
+    assert "Traceback" not in res.output

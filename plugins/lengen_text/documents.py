@@ -138,8 +138,13 @@ def files_identity(files: list[Path], data_dir: Path | None) -> list[dict]:
 
 
 def read_text_file(path: Path, encoding: str) -> str:
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0 and encoding.lower().replace("_", "-") not in ("utf-16", "utf-16-le", "utf-16-be", "utf-32"):
+        raise ConfigError(f"{path}: binary data (a NUL byte at offset {nul}), not text; point data.train / "
+                          "data.eval at text files (for parquet or jsonl, use those datasets)")
     try:
-        return normalise_newlines(path.read_bytes().decode(encoding))
+        return normalise_newlines(data.decode(encoding))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid {encoding} at byte {exc.start}; set data.encoding "
                           "(e.g. 'latin-1') or fix the file") from None
