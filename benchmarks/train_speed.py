@@ -37,7 +37,7 @@ from lengen import allocator
 from lengen.api import BuildContext
 from lengen.nn import RMSNorm, SwiGLU, init_weights
 from lengen.plugins import PluginHost
-from lengen.runner import count_params
+from lengen.train import count_params
 from lengen.train import adamw
 
 SIZE = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024)

@@ -8,9 +8,10 @@ hundreds of times, so without this it spends a measurable share of its time in p
 measured in docs/performance.md (all architectures train faster; the process keeps up to
 ``TRIM`` of freed memory instead of returning it).
 
-``lengen run`` / ``lengen bench`` and the benchmark scripts call ``tune()`` once at start;
-``LENGEN_MALLOC_TUNING=0`` leaves glibc's defaults. Elsewhere (macOS, musl, Windows) it
-does nothing.
+The command line (``lengen run``, ``lengen bench``) and the benchmark scripts call
+``tune()`` once at start; library code never does, so a program that imports lengen keeps
+its allocator. ``LENGEN_MALLOC_TUNING=0`` leaves glibc's defaults. Elsewhere (macOS, musl,
+Windows) it does nothing.
 """
 
 from __future__ import annotations
@@ -43,3 +44,8 @@ def tune() -> bool:
     _done = all(mallopt(opt, value) == 1 for opt, value in
                 ((M_MMAP_THRESHOLD, MMAP), (M_TRIM_THRESHOLD, TRIM), (M_TOP_PAD, TOP_PAD)))
     return _done
+
+
+def tuned() -> bool:
+    """Whether ``tune()`` ran in this process and its settings are in effect."""
+    return bool(_done)

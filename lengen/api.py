@@ -18,12 +18,16 @@ Dataset
 Metric
     Subclass :class:`Metric`; ``compute(scores, config, ctx)`` turns per-token NLL,
     correctness and annotations into :class:`Value` s and :class:`Series` with intervals.
+    ``outputs`` (:class:`OutputSpec`) and ``plots`` (:class:`PlotSpec`) declare how the
+    leaderboard, checkpoint tracking and plots treat them: the core knows no metric by name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import fnmatch
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from abc import ABC, abstractmethod
@@ -288,6 +292,97 @@ class MetricContext:
         return f"{int(k) if float(k).is_integer() else k}W"
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    """How the harness treats one metric output, or a family of them.
+
+    ``key`` is an output name or a glob pattern (``"ppl@*W"`` covers ``ppl@1W``, ``ppl@20W``).
+    A family member's *x* is what follows ``@`` in its name (``"20W"``, ``"<=W"``).
+
+    - ``better``: ``"lower"`` or ``"higher"`` is better (the leaderboard marks the best row
+      and ties; early stopping watches in that direction), or ``None``.
+    - ``leaderboard``: the outputs are leaderboard row keys (JSON, CSV).
+    - ``table``: which members are columns of the leaderboard's table and markdown: ``"all"``,
+      ``"last"`` (the largest x), a tuple of x labels (``("1W", "20W")``), or ``None``.
+    - ``table_modes``: only in tables of these evaluation modes (``None``: every mode).
+    - ``checkpoint``: recorded at every evaluated checkpoint (values and series).
+    - ``header``: the table header, ``{x}`` replaced by the member's x (default: the key).
+    - ``percent``: shown x 100 in tables; ``digits``: decimals shown.
+    - ``note``: one sentence for the table's caption when the column is shown.
+    - ``reference``: draw these values as a grey reference line, labelled ``label``, on the
+      plot of that kind (a :class:`PlotSpec` ``kind``), at x = the member's multiple of W.
+    """
+
+    key: str
+    better: str | None = None
+    leaderboard: bool = False
+    table: str | tuple[str, ...] | None = None
+    table_modes: tuple[str, ...] | None = None
+    checkpoint: bool = False
+    header: str | None = None
+    percent: bool = False
+    digits: int = 2
+    note: str = ""
+    reference: str | None = None
+    label: str | None = None
+
+    def __post_init__(self):
+        if self.better not in (None, "lower", "higher"):
+            raise ValueError(f"OutputSpec({self.key!r}).better must be 'lower', 'higher' or None, not {self.better!r}")
+        if not (self.table is None or self.table in ("all", "last") or isinstance(self.table, tuple)):
+            raise ValueError(f"OutputSpec({self.key!r}).table must be 'all', 'last', a tuple of x labels or None")
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.key)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OutputSpec":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("table", "table_modes"):
+            if isinstance(known.get(k), list):
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+def output_x(name: str) -> str:
+    """The x of a family member: ``"ppl@20W"`` -> ``"20W"``; ``""`` without ``@``."""
+    return name.partition("@")[2]
+
+
+def x_multiple(x: str) -> float | None:
+    """``"20W"`` -> 20.0, ``"0.5W"`` -> 0.5; None for anything else (``"<=W"``)."""
+    m = re.fullmatch(r"([\d.]+)W", x)
+    try:
+        return float(m.group(1)) if m else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """A plot drawn from a :class:`Series` output: one curve per (architecture, mode) with its
+    interval band, x in multiples of W on a log scale, W marked. ``kind`` is its name for
+    ``lengen plot --kind``; the run writes it as ``filename``. ``log_y`` for a log y axis."""
+
+    series: str
+    kind: str
+    filename: str
+    xlabel: str = "multiples of the training window W"
+    ylabel: str = ""
+    title: str = ""
+    log_y: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlotSpec":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
 class Metric(ABC):
     """Base class of metric plugins."""
 
@@ -300,10 +395,27 @@ class Metric(ABC):
     modes: ClassVar[tuple[str, ...]] = ("full", "window")
     #: outputs and their best values on perfect predictions (checked by ``lengen check --metric``)
     perfect: ClassVar[dict[str, float]] = {}
+    #: how the leaderboard, checkpoints and plots treat the outputs (undeclared ones are kept
+    #: in the record only)
+    outputs: ClassVar[tuple[OutputSpec, ...]] = ()
+    #: plots drawn from the metric's series
+    plots: ClassVar[tuple[PlotSpec, ...]] = ()
 
     @abstractmethod
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext) -> dict[str, Value | Series]:
         """Named values and series computed from ``scores``."""
+
+    def annotate(self, corpus: "Corpus", sequences, config: MetricConfig) -> dict[str, Any]:
+        """Optional: per-token annotations this metric derives from the corpus (e.g. the NLL of a
+        reference model fit on the training split), arrays shaped like ``sequences`` (the
+        evaluation sequences ``[N, L + 1]``, whose first column is context only). Called once
+        per run, before evaluation; the results join the dataset's annotations."""
+        return {}
+
+    def example_inputs(self, n: int, length: int, rng) -> tuple[dict[str, Any], dict]:
+        """Optional: plausible annotations ``[n, length]`` and corpus ``info`` for the metric's
+        ``requires``, so that ``lengen check --metric`` can run it without a dataset."""
+        return {}, {}
 
 
 def jsonable(obj: Any) -> Any:

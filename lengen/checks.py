@@ -38,7 +38,7 @@ class CheckFailed(AssertionError):
     pass
 
 
-def _run(name: str, fn: Callable[[], str | None]) -> CheckResult:
+def run_check(name: str, fn: Callable[[], str | None]) -> CheckResult:
     t0 = time.perf_counter()
     try:
         note = fn()
@@ -242,7 +242,7 @@ def check_architecture(subject: ArchSubject, only: list[str] | None = None) -> l
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny inputs: one thread is as fast, and immune to a busy machine
     try:
-        return [_run(name, lambda fn=fn: fn(subject)) for name, fn in ARCH_CHECKS.items()
+        return [run_check(name, lambda fn=fn: fn(subject)) for name, fn in ARCH_CHECKS.items()
                 if only is None or name in only]
     finally:
         torch.set_num_threads(threads)
@@ -300,41 +300,45 @@ def check_dataset(dataset, config, ctx) -> list[CheckResult]:
         return None
 
     with tmp:
-        return [_run("loads well-formed splits", load), _run("deterministic, stable fingerprint", deterministic)]
+        return [run_check("loads well-formed splits", load), run_check("deterministic, stable fingerprint", deterministic)]
 
 
 # ---------------------------------------------------------------------------------------
 # metrics
 
 
-def synthetic_scores(perfect: bool, n: int = 8, length: int = 64, vocab: int = 32, seed: int = 0):
-    """Scores with every annotation the built-in metrics use: perfect predictions (NLL 0,
-    all correct, equal to the optimum) or uniform guessing."""
+def synthetic_scores(metric, perfect: bool, n: int = 8, length: int = 64, vocab: int = 32, seed: int = 0):
+    """Scores with perfect predictions (NLL 0, all correct) or uniform guessing, and the
+    annotations and corpus info the metric's :meth:`~lengen.api.Metric.example_inputs` gives."""
     from lengen.api import Scores
 
     rng = np.random.default_rng(seed)
-    kind = np.where(rng.random((n, length)) < 0.1, rng.integers(1, 3, (n, length)), 0)
-    dist = np.where(kind > 0, rng.integers(1, 4 * length, (n, length)), 0)
+    ann, info = metric.example_inputs(n, length, np.random.default_rng(seed + 1))
     nll = np.zeros((n, length)) if perfect else np.full((n, length), np.log(vocab))
     correct = np.ones((n, length), bool) if perfect else rng.random((n, length)) < 1 / vocab
-    ann = {"recall_kind": kind, "recall_distance": dist, "optimal_nll": np.zeros((n, length), np.float32),
-           "unigram_nll": np.full((n, length), np.log(vocab), np.float32)}
-    s = Scores(nll, correct, ann)
+    s = Scores(nll, correct, dict(ann))
     s.lengths = {l: (nll[:, :l].sum(1), np.full(n, l)) for l in (8, 16, 64)}
     s.context = {c: (nll[:, -4:].sum(1), np.full(n, 4), c) for c in (4, 16, 60)}
-    return s
+    return s, info
 
 
 def check_metric(metric, config, window: int = 16) -> list[CheckResult]:
     from lengen.api import MetricContext, Series, Value
 
+    from dataclasses import replace
+
     ctx = MetricContext(window=window, positions=(1, 2, 4), bucket=4, bootstrap=50, lengths=(8, 16, 64),
-                        contexts=(4, 16, 60), info={"chance_recall": 1 / 32})
+                        contexts=(4, 16, 60))
     results: dict[str, dict] = {}
 
     def runs():
         for label, perfect in (("perfect", True), ("uniform", False)):
-            out = metric.compute(synthetic_scores(perfect), config, ctx)
+            scores, info = synthetic_scores(metric, perfect)
+            lacking = [r for r in metric.requires if r not in scores.annotations]
+            if lacking:
+                return (f"skip: needs annotations {lacking}; give the metric an example_inputs method that "
+                        "returns plausible ones")
+            out = metric.compute(scores, config, replace(ctx, info=info))
             if not isinstance(out, dict) or not out:
                 raise CheckFailed("compute must return a non-empty dict of Value or Series")
             for k, v in out.items():
@@ -345,7 +349,7 @@ def check_metric(metric, config, window: int = 16) -> list[CheckResult]:
 
     def best():
         if "perfect" not in results:
-            return "skip: compute failed"
+            return "skip: compute did not run"
         declared = getattr(metric, "perfect", {}) or {}
         if not declared:
             return "skip: the metric declares no perfect values (Metric.perfect)"
@@ -360,4 +364,43 @@ def check_metric(metric, config, window: int = 16) -> list[CheckResult]:
                 raise CheckFailed(f"{k} is {want} for uniform guessing too: it does not measure predictions")
         return None
 
-    return [_run("computes Values and Series", runs), _run("best value on perfect predictions", best)]
+    return [run_check("computes Values and Series", runs), run_check("best value on perfect predictions", best)]
+
+
+# ---------------------------------------------------------------------------------------
+# `lengen check`
+
+
+def check_components(host, *, archs: list[str], datasets: list[str], metrics: list[str], benchmark: str,
+                     overrides: list[str], benchmarks_file: Path | None, data_dir: Path | None,
+                     window: int | None = None) -> list[dict]:
+    """Run the conformance kit on the named components with the suite's settings."""
+    from lengen.api import DataContext
+    from lengen.plan import arch_config, default_cache_dir, resolve_suite, validate_config
+
+    suite, origin = resolve_suite(host, benchmark, overrides, benchmarks_file)
+    rows = []
+
+    def add(component, results):
+        rows.extend({"component": component, "check": r.name, "passed": r.passed, "reason": r.reason,
+                     "seconds": r.seconds} for r in results)
+
+    for name in archs:
+        entry = host.architectures.get(name)
+        arch = entry.load()
+        cfg = arch_config(entry, arch, suite, name, origin)
+        add(f"arch {name}", check_architecture(ArchSubject(arch, cfg, window=window or suite.window)))
+    for name in datasets:
+        ds = host.datasets.load(name)
+        cfg = validate_config(ds.Config, suite.data if name == suite.dataset else {}, suite=suite.name,
+                              table=["data"], origin=origin)
+        ctx = DataContext(seed=suite.data_seed, window=suite.window, eval_length=suite.eval_tokens,
+                          eval_sequences=min(4, suite.eval.sequences), train_tokens=50 * suite.window,
+                          cache_dir=default_cache_dir(), data_dir=data_dir, tokenizer=suite.tokenizer)
+        add(f"dataset {name}", check_dataset(ds, cfg, ctx))
+    for name in metrics:
+        metric = host.metrics.load(name)
+        cfg = validate_config(metric.Config, suite.metrics.get(name, {}), suite=suite.name,
+                              table=["metrics", name], origin=origin)
+        add(f"metric {name}", check_metric(metric, cfg))
+    return rows

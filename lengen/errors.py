@@ -31,7 +31,17 @@ class ConfigError(LengenError):
 
 
 class TrainingDivergedError(LengenError):
+    """The training loss became NaN or infinite (``step``: the optimizer step, 1-based)."""
+
     exit_code = 3
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was, so that it unwinds like Ctrl-C."""
 
 
 def did_you_mean(name: str, options, *, kind: str) -> str:

@@ -16,8 +16,11 @@ differ only in which rows they build from the evaluation sequences ``[N, L + 1]`
     at each evaluation length l, each sequence cut into independent pieces of l predictions,
     each scored from scratch (ALiBi's protocol, with its "early token" disadvantage).
 
-A stateful model is fed in chunks with its state carried (``chunk`` tokens, by default as
-many as the logit budget allows), which must equal one pass; the chunk only bounds memory.
+A stateful model is fed in chunks with its state carried (``eval.chunk`` tokens, W by
+default), which must equal one pass (the conformance kit checks it); the chunk bounds the
+memory a long sequence needs, so evaluation at 64 x W and beyond fits where one pass would not.
+
+:func:`evaluate_model` runs the suite's modes and every applicable metric on them.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lengen.api import Architecture, Scores, Split, as_output
+from lengen.api import Architecture, MetricContext, Scores, Split, as_output
 from lengen.errors import ConfigError, LengenError
 
 LOGIT_BUDGET = 1 << 25  # floats of logits held at once during evaluation
@@ -227,7 +231,110 @@ def score_context(scorer: Scorer, seqs: np.ndarray, contexts: list[int], bucket:
     return out
 
 
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - t0
+# ---------------------------------------------------------------------------------------
+# the suite's modes and metrics
+
+
+@dataclass
+class ModeEval:
+    scores: Any
+    metrics: dict
+    series: dict
+    skipped: dict
+    info: dict
+
+
+def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: MetricContext, device, autocast,
+                   extras: bool = True, on_stage=None, measure_memory: bool = False) -> dict[str, ModeEval]:
+    """Score ``model`` in each of ``modes`` and compute every applicable metric.
+
+    ``extras``: also the nonoverlapping lengths and the context curve (not at checkpoints).
+    ``measure_memory``: record the peak memory of the first mode's scoring in its ``info``."""
+    from lengen.measure import peak_memory
+
+    W = suite.window
+    L = seqs.shape[1] - 1
+    lengths = suite.eval.tokens(suite.eval.lengths, W)
+    chunk = suite.eval.chunk or W
+    out: dict[str, ModeEval] = {}
+    for i, mode in enumerate(modes):
+        scorer = Scorer(model, arch, device=device, batch_tokens=suite.eval.batch_size * L, autocast=autocast,
+                        chunk=chunk)
+        t0 = time.perf_counter()
+        if mode == "full":
+            score = lambda: score_full(scorer, seqs, ann)  # noqa: E731
+        elif mode == "window":
+            score = lambda: score_window(scorer, seqs, ann, window=W, stride=suite.eval.stride)  # noqa: E731
+        else:
+            score = lambda: Scores(None, None, {}, mode="nonoverlapping",  # noqa: E731
+                                   lengths=score_nonoverlapping(scorer, seqs, lengths) if extras else {})
+        peak = None
+        if measure_memory and i == 0:
+            scores, peak, how = peak_memory(score, device)
+        else:
+            scores = score()
+        if scores.nll is not None:
+            scores.lengths = lengths_from_prefix(scores, lengths)
+        wall = time.perf_counter() - t0
+        scored = seqs.shape[0] * L if scores.nll is not None else sum(int(c.sum()) for _, c in scores.lengths.values())
+        info = {"mode": mode, "length": L, "sequences": int(seqs.shape[0]), "wall_s": wall,
+                "tokens_per_s": scored / wall if wall > 0 else None,
+                "tokens_processed": scorer.tokens_processed, "stats": scorer.stats(),
+                "batch_sequences": max(1, scorer.batch_tokens // L), "chunk": chunk if arch.stateful else None}
+        if peak is not None:
+            info.update(peak_memory_bytes=peak, memory_method=how)
+        if mode == "window":
+            info["stride"] = suite.eval.stride
+        if mode == "full" and extras and suite.eval.contexts:
+            scores.context = score_context(scorer, seqs, suite.eval.tokens(suite.eval.contexts, W), suite.eval.bucket)
+        missing = [l for l in lengths if l not in scores.lengths]
+        if missing and extras:
+            warnings.warn(f"{mode} mode: lengths {', '.join(f'{l / W:g}W' for l in missing)} need more than the "
+                          f"{L} tokens of each evaluation sequence; recorded as missing", stacklevel=2)
+            info["missing_lengths"] = missing
+        values, series, skipped = {}, {}, {}
+        for m in metrics:
+            metric = m.obj
+            if mode not in metric.modes:
+                continue
+            lacking = [r for r in metric.requires if r not in scores.annotations]
+            if lacking:
+                skipped[m.name] = f"needs annotations {lacking}"
+                continue
+            for key, val in metric.compute(scores, m.config, mctx).items():
+                (series if hasattr(val, "x") else values)[key] = val
+        out[mode] = ModeEval(scores, values, series, skipped, info)
+        if on_stage:
+            on_stage(mode)
+    return out
+
+
+def add_baseline_ratios(evals: dict[str, ModeEval], baseline: str, mctx: MetricContext) -> None:
+    """``ratio_<baseline>@kW``: the baseline mode's perplexity over this mode's, on the same
+    tokens (paired bootstrap). Above 1: this mode predicts better (the seeds' SW / TTT)."""
+    from lengen.stats import bootstrap_ppl_ratio
+
+    base = evals.get(baseline)
+    if base is None or base.scores.nll is None:
+        return
+    for mode, ev in evals.items():
+        if mode == baseline or ev.scores.nll is None:
+            continue
+        a, b = position_sums(base.scores, mctx), position_sums(ev.scores, mctx)
+        for i, k in enumerate(mctx.positions):
+            n = np.full(len(a), bucket_columns(k, mctx, base.scores.length).stop
+                        - bucket_columns(k, mctx, base.scores.length).start)
+            ev.metrics[f"ratio_{baseline}@{mctx.label(k)}"] = bootstrap_ppl_ratio(
+                a[:, i], n, b[:, i], n, samples=mctx.bootstrap, confidence=mctx.confidence, seed=mctx.seed + 700 + i)
+
+
+def bucket_columns(k: float, mctx: MetricContext, length: int) -> slice:
+    """Columns of the ``bucket`` predictions ending at position k x W."""
+    end = min(int(round(k * mctx.window)), length)
+    return slice(max(0, end - mctx.bucket), end)
+
+
+def position_sums(scores, mctx: MetricContext) -> np.ndarray:
+    """Per-sequence NLL sums of each position bucket, ``[sequences, positions]`` (for
+    paired comparisons of checkpoints and architectures)."""
+    return np.stack([scores.nll[:, bucket_columns(k, mctx, scores.length)].sum(1) for k in mctx.positions], 1)

@@ -11,9 +11,10 @@ from importlib import metadata
 from pathlib import Path
 
 import lengen
+from lengen import allocator
 
 PACKAGES = ("torch", "numpy", "accelerate", "safetensors", "pydantic", "pluggy", "datasets",
-            "tokenizers", "pandas", "matplotlib", "click", "rich")
+            "huggingface_hub", "tokenizers", "pyarrow", "pandas", "matplotlib", "click", "rich")
 
 
 @lru_cache(maxsize=1)
@@ -73,5 +74,6 @@ def provenance(device, precision: str, argv=None) -> dict:
         "platform": platform.platform(),
         "device": device_info(device),
         "precision": precision,
+        "malloc_tuned": allocator.tuned(),
         "command": list(argv if argv is not None else sys.argv),
     }

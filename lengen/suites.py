@@ -23,11 +23,12 @@ MODES = ("full", "window", "nonoverlapping")
 
 
 class EarlyStopping(StrictConfig):
-    """Stop training when a checkpoint metric (lower is better) stops improving."""
+    """Stop training when a checkpoint metric stops improving (in the direction its metric
+    declares better)."""
 
     patience: int = Field(gt=0, description="checkpoints without an improvement of min_delta before stopping")
-    min_delta: float = Field(0.0, ge=0, description="smallest decrease that counts as an improvement")
-    metric: str = Field("ppl@1W", description="checkpoint metric to watch (lower is better)")
+    min_delta: float = Field(0.0, ge=0, description="smallest change in the better direction that counts as an improvement")
+    metric: str = Field(description="checkpoint output to watch (one a metric declares checkpoint=True with a direction)")
 
 
 class TrainSpec(StrictConfig):
@@ -69,7 +70,10 @@ class EvalSpec(StrictConfig):
     contexts: list[float] = Field([], description="context-utilization grid, multiples of W (e.g. [0.25, 1, 5, 20])")
     checkpoints: int = Field(0, ge=0, description="evaluate this many checkpoints spread over training (0: only the end)")
     sequences: int = Field(64, gt=0, description="evaluation sequences")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="evaluation sequences per forward batch")
+    chunk: int | None = Field(None, gt=0, description="tokens per forward when a stateful model streams a sequence "
+                                                       "with its state carried (equal to one pass; bounds memory); "
+                                                       "default: W")
     bucket: int = Field(16, gt=0, description="tokens in each position bucket, ending at k x W")
     doc_policy: Literal["documents", "packed"] = Field(
         "documents", description="evaluation sequences: the start of each long-enough document, or slices of "
@@ -112,7 +116,7 @@ class Suite(StrictConfig):
     data_seed: int = Field(0, description="seed of the data (fixed across training seeds)")
     tokenizer: dict[str, Any] | None = Field(None, description="tokenizer settings (real text)")
     window: int = Field(description="training window W in tokens")
-    seeds: list[int] = Field([0], description="training seeds")
+    seeds: list[int] = Field([0], description="training seeds (integers >= 0)")
     archs: list[str] = Field(default_factory=list, description="architectures run when none is named")
     train: TrainSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -143,6 +147,8 @@ class Suite(StrictConfig):
             raise ValueError("train.early_stopping needs eval.checkpoints >= 2 to watch")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {self.seeds}")
         return self
 
     @property
@@ -190,7 +196,7 @@ def parse_suites(text: str, source: str = "benchmarks.toml") -> dict[str, Suite]
     for name, table in raw.items():
         if not isinstance(table, dict):
             raise ConfigError(
-                f"{source}:{_line_of(text, [], name)}: top-level key {name!r} is not a suite table; "
+                f"{source}:{line_of(text, [], name)}: top-level key {name!r} is not a suite table; "
                 f"write suites as [name] tables")
         suites[name] = validate_suite(name, table, source=source, text=text)
     return suites
@@ -207,7 +213,7 @@ def validate_suite(name: str, table: dict[str, Any], *, source: str = "benchmark
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]
-        line = _line_of(text, [name] + loc[:-1], loc[-1] if loc else None) if text else None
+        line = line_of(text, [name] + loc[:-1], loc[-1] if loc else None) if text else None
         where = f"{source}:{line}" if line else source
         table_name = ".".join([name] + loc[:-1])
         key = loc[-1] if loc else "?"
@@ -243,7 +249,7 @@ def _clean(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _line_of(text: str | None, table: list[str], key: str | None) -> int | None:
+def line_of(text: str | None, table: list[str], key: str | None) -> int | None:
     """Best-effort line number of ``key`` inside table ``[a.b]`` (or of the table)."""
     if not text:
         return None
@@ -279,7 +285,8 @@ def _line_of(text: str | None, table: list[str], key: str | None) -> int | None:
 
 
 def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` settings (TOML values) from the command line."""
+    """Apply ``key.path=value`` settings (TOML values) from the command line. TOML has no
+    null: ``KEY=null`` (or ``none``) resets the key to its default, removing it from the table."""
     out = _deepcopy(table)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -295,7 +302,10 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a table")
-        node[parts[-1]] = parsed
+        if isinstance(parsed, str) and parsed.lower() in ("null", "none") and value.strip() == parsed:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = parsed
     return out
 
 

@@ -103,6 +103,32 @@ class WindowBatches:
         return self.tokens[starts[:, None] + self._span], reset
 
 
+def make_accelerator(device: str, precision: str):
+    """An ``accelerate.Accelerator`` for ``--device`` (auto, cpu, cuda) and ``train.precision``
+    (auto: bf16 on a GPU that supports it, else fp32); returns it and the precision used."""
+    import warnings
+
+    from accelerate import Accelerator
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    use_cpu = device == "cpu" or not torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
+    if use_cpu and precision in ("bf16", "fp16"):
+        warnings.warn(f"train.precision = {precision} on CPU: training in fp32 instead", stacklevel=2)
+        precision = "fp32"
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed), precision
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters of ``model``, each shared tensor once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def default_param_groups(model: torch.nn.Module) -> list[ParamGroup]:
     """Weight decay on matrices and embeddings, none on norms and biases (nanoGPT's rule)."""
     decay, no_decay = [], []
@@ -212,7 +238,7 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
         if not math.isfinite(lm_total) or not all(math.isfinite(v) for v in aux_totals.values()):
             raise TrainingDivergedError(
                 f"{label or 'training'}: the loss became {lm_total} at step {step + 1} (seed {seed}); "
-                f"lower train.lr (now {spec.lr}) or keep train.clip > 0 (now {spec.clip})")
+                f"lower train.lr (now {spec.lr}) or keep train.clip > 0 (now {spec.clip})", step=step + 1)
         for every, opt in opts.items():
             if (step + 1) % every:
                 continue  # this group keeps accumulating

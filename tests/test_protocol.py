@@ -177,12 +177,25 @@ def test_same_seed_same_numbers(tmp_path):
 
 
 def test_two_seeds_aggregate(tmp_path):
-    res = invoke(RUN + ["--results", str(tmp_path), "--seed", "0", "--seed", "1", "--no-plot"])
-    assert "n" in res.output
+    invoke(RUN + ["--results", str(tmp_path), "--seed", "0", "--seed", "1", "--no-plot"])
     rows = json.loads(invoke(["leaderboard", "--results", str(tmp_path), "--format", "json"]).output)
     (row,) = rows
     assert row["n_seeds"] == 2 and row["seeds"] == [0, 1]
-    assert row["ppl@1W"]["ci_low"] < row["ppl@1W"]["value"] < row["ppl@1W"]["ci_high"]
+    recs = {r["seed"]: r for r in records(tmp_path)}
+    values = [recs[s]["evaluations"]["full"]["metrics"]["ppl@1W"]["value"] for s in (0, 1)]
+    assert values[0] != values[1]  # two seeds really trained two models
+    cell = row["ppl@1W"]
+    assert cell["value"] == pytest.approx(sum(values) / 2)  # the mean over seeds
+    assert cell["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    half = 12.706 * cell["sd"] / 2 ** 0.5  # Student t, 1 degree of freedom, 95%
+    assert cell["ci_low"] == pytest.approx(max(1.0, cell["value"] - half), rel=1e-3)
+    assert cell["ci_high"] == pytest.approx(cell["value"] + half, rel=1e-3)
+    # each record's wall time is its own job's, not the time since the run started
+    run = json.loads(next(tmp_path.glob("*/run.json")).read_text())
+    jobs = {j["seed"]: j for j in run["jobs"]}
+    for seed in (0, 1):
+        assert 0 < recs[seed]["wall_s"] <= jobs[seed]["wall_s"]
+    assert recs[0]["wall_s"] + recs[1]["wall_s"] <= run["wall_s"]
 
 
 def test_modes_checkpoints_compare_and_plots(tmp_path):
@@ -209,7 +222,8 @@ def test_modes_checkpoints_compare_and_plots(tmp_path):
     assert res.exit_code == 0, res.output
     assert "paired: ppl sw / ppl sw2" in res.output
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    for png in ("ppl_by_position.png", "ppl_by_length.png", "ppl_by_context.png", "evolution.png"):
+    for png in ("ppl_by_position.png", "ppl_by_length.png", "ppl_by_context.png", "evolution.png",
+                "recall_by_distance.png", "excess_nll_by_position.png"):
         assert (run_dir / png).stat().st_size > 1000, png
     rec = json.loads((run_dir / "sw" / "seed0" / "record.json").read_text())
     assert [c["step"] for c in rec["checkpoints"]] == [0, 2, 3, 4, 6]
@@ -221,7 +235,12 @@ def test_modes_checkpoints_compare_and_plots(tmp_path):
     assert rec["cost"]["flops_per_token"] > 0 and rec["cost"]["peak_eval_memory_bytes"] > 0
     cmp = json.loads(invoke(["compare", str(run_dir), "--json"]).output)
     assert cmp["a"] == "sw" and len(cmp["final"]) == 3 and len(cmp["checkpoints"]) == 5 * 3
-    assert isinstance(cmp["crossovers"], list)
+    by_pos = {}
+    for r in cmp["checkpoints"]:
+        by_pos.setdefault(r["position"], []).append(r)
+    sign_changes = {(pos, a["step"], b["step"]) for pos, rs in by_pos.items()
+                    for a, b in zip(rs, rs[1:]) if (a["ratio"] - 1) * (b["ratio"] - 1) < 0}
+    assert {(c["position"], c["from_step"], c["to_step"]) for c in cmp["crossovers"]} == sign_changes
     out = invoke(["plot", str(run_dir), "--kind", "evolution", "--out", str(tmp_path / "e.png")])
     assert (tmp_path / "e.png").exists() and "e.png" in out.output
     # the leaderboard keeps modes apart
@@ -234,7 +253,7 @@ def test_modes_checkpoints_compare_and_plots(tmp_path):
 def test_early_stopping(tmp_path):
     (tmp_path / "b.toml").write_text(
         '[mini]\nwindow = 16\n[mini.data]\ntrain_tokens = 20000\n[mini.train]\nsteps = 40\nbatch_size = 2\n'
-        'lr = 1e-9\nearly_stopping = {patience = 2, min_delta = 1.0}\n'
+        'lr = 1e-9\nearly_stopping = {patience = 2, min_delta = 1.0, metric = "ppl@1W"}\n'
         '[mini.eval]\nlength = 2\npositions = [1, 2]\nsequences = 3\nbootstrap = 10\nbucket = 4\ncheckpoints = 9\n'
         '[mini.arch.sw]\nd_model = 16\nn_heads = 2\n')
     invoke(["run", "--arch", "sw", "-b", "mini", "--benchmarks-file", str(tmp_path / "b.toml"),
@@ -265,3 +284,51 @@ def test_live_tensor_memory_is_deterministic():
     with LiveTensorMemory() as t:
         work()
     assert t.peak == 12000
+
+
+def test_output_stats_are_averaged_over_evaluated_tokens():
+    from lengen.testing import TwoSpeedLM
+
+    arch = TwoSpeedLM()
+    m = arch.build(TinyConfig(), BuildContext(vocab_size=V, window=8))
+    scorer = Scorer(m, arch, batch_tokens=40)
+    score_full(scorer, np.zeros((3, 21), dtype=np.int64), {})
+    assert scorer.stats() == {"flops": 2.0} and scorer.stat_count == 3 * 20
+
+
+class _Recording(DecayLM):
+    """DecayLM that remembers how many tokens each forward was given."""
+
+    seen = []
+
+    def build(self, config, ctx):
+        model = super().build(config, ctx)
+        inner = model.forward
+
+        def forward(input_ids, state=None):
+            _Recording.seen.append(input_ids.shape[1])
+            return inner(input_ids, state)
+
+        model.forward = forward
+        return model
+
+
+def test_full_mode_streams_stateful_models_in_chunks_of_eval_chunk():
+    from lengen.evaluate import evaluate_model
+    from lengen.suites import validate_suite
+
+    arch = _Recording()
+    torch.manual_seed(0)
+    model = arch.build(TinyConfig(), BuildContext(vocab_size=V, window=8))
+    seqs = np.random.default_rng(0).integers(0, V, size=(4, 8 * 20 + 1))
+    suite = validate_suite("s", {"window": 8, "train": {"steps": 1}, "eval": {"bucket": 4, "stride": 4}})
+    mctx = MetricContext(window=8, positions=(1, 20), bucket=4, bootstrap=0)
+    for chunk, expect in ((None, 8), (24, 24)):
+        _Recording.seen = []
+        s = suite.model_copy(update={"eval": suite.eval.model_copy(update={"chunk": chunk})})
+        ev = evaluate_model(model, arch, s, seqs, {}, modes=["full"], metrics=[], mctx=mctx, device="cpu",
+                            autocast=None, measure_memory=True)["full"]
+        assert max(_Recording.seen) == expect and ev.info["chunk"] == expect
+        assert ev.info["peak_memory_bytes"] > 0 and ev.info["memory_method"] == "live_tensors"
+        one = score_full(Scorer(model, arch, chunk=10 ** 6), seqs, {})
+        np.testing.assert_allclose(ev.scores.nll, one.nll, rtol=1e-5, atol=1e-6)  # equal to one pass

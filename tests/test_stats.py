@@ -68,7 +68,9 @@ def test_leaderboard_clips_seed_intervals_to_the_recorded_bounds():
         return {"benchmark": "b", "arch": "a", "seed": seed, "created": seed, "suite_hash": "s",
                 "model": {"config_hash": "c", "arch_version": "1", "params": 1},
                 "dataset": {"fingerprint": "f"}, "cost": {}, "protocol": {"window": 8},
-                "evaluations": {"full": {"metrics": {"recall@>W": value}, "eval": {}}}}
+                "evaluations": {"full": {"metrics": {"recall@>W": value}, "eval": {}}},
+                "metric_plugins": {"recall": {"outputs": [{"key": "recall@>W", "better": "higher",
+                                                           "leaderboard": True}]}}}
 
     row, = rows_from_records([record(0, 0.026), record(1, 0.032)])
     cell = row["recall@>W"]

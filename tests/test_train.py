@@ -136,3 +136,36 @@ def test_state_passing_packed_when_documents_differ():
     assert w.policy == "packed"
     with pytest.raises(ConfigError, match="doc_policy = 'reset' needs"):
         WindowBatches(TOKENS, 16, 2, seed=0, state_passing=True, doc_starts=starts, doc_policy="reset")
+
+
+def test_slow_group_applies_the_mean_of_its_accumulated_gradients_at_its_lr(monkeypatch):
+    """The optimizer of a group with update_every = 4 sees, every 4th step, the mean of the
+    gradients of those 4 steps (the documented rule), at lr x lr_scale x the schedule."""
+    import lengen.train as T
+
+    seen = []  # (group names, {param id: grad}, {group: lr}) at every optimizer step
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append(({id(p): p.grad.clone() for g in self.param_groups for p in g["params"]},
+                         [(g["lr_scale"], g["lr"]) for g in self.param_groups]))
+            return super().step(closure)
+
+    monkeypatch.setattr(T, "adamw", lambda params, **kw: Recording(params, **kw))
+    arch = TwoSpeedLM()
+    torch.manual_seed(0)
+    model = arch.build(TinyConfig(), BuildContext(vocab_size=20, window=16))
+    per_step = []  # the slow weight's gradient of every backward pass
+    model.out.weight.register_hook(lambda g: per_step.append(g.clone()))
+    s = spec(steps=8, clip=0.0, warmup=2)
+    train(model, arch, TinyConfig(), TOKENS, s, window=16, seed=0, accelerator=Accelerator(cpu=True))
+    slow = [(grads, lrs) for grads, lrs in seen if id(model.out.weight) in grads]
+    fast = [(grads, lrs) for grads, lrs in seen if id(model.embed.weight) in grads]
+    assert len(fast) == 8 and len(slow) == 2 and len(per_step) == 8
+    for k, (grads, lrs) in enumerate(slow):
+        expect = torch.stack(per_step[4 * k:4 * k + 4]).mean(0)
+        torch.testing.assert_close(grads[id(model.out.weight)], expect)
+        step = 4 * k + 3
+        assert lrs == [(0.25, pytest.approx(s.lr * 0.25 * lr_factor(step, s)))]
+    for step, (_grads, lrs) in enumerate(fast):
+        assert lrs == [(1.0, pytest.approx(s.lr * lr_factor(step, s)))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from lengen.api import Metric, MetricConfig, MetricContext, Scores, Series, Value
+from lengen.api import Metric, MetricConfig, MetricContext, OutputSpec, PlotSpec, Scores, Series, Value
 from lengen.stats import bootstrap_mean, bootstrap_ppl, bootstrap_ppl_ratio, percentile_interval, wilson
 
 
@@ -47,6 +47,17 @@ class PositionPerplexity(Metric):
 
     Config = PerplexityConfig
     perfect = {"ppl@1W": 1.0, "ppl": 1.0}
+    outputs = (
+        OutputSpec("ppl@*W", better="lower", leaderboard=True, table="all", checkpoint=True,
+                   note="ppl@kW: perplexity of the bucket of tokens ending at position k x W."),
+        OutputSpec("ppl_ratio@*W", leaderboard=True, table="last", checkpoint=True, header="ratio {x}/1W", digits=3),
+        OutputSpec("horizon", leaderboard=True, table="all", checkpoint=True),
+        OutputSpec("ppl", better="lower", leaderboard=True, checkpoint=True),
+        OutputSpec("ppl_by_position", checkpoint=True),
+    )
+    plots = (PlotSpec("ppl_by_position", kind="position", filename="ppl_by_position.png",
+                      xlabel="position (multiples of the training window W)",
+                      ylabel="perplexity of the bucket ending there"),)
 
     def compute(self, scores: Scores, config: PerplexityConfig, ctx: MetricContext):
         nll, L = scores.nll, scores.length
@@ -104,6 +115,11 @@ class LengthPerplexity(Metric):
 
     modes = ("full", "window", "nonoverlapping")
     perfect = {"ppl_len@1W": 1.0}
+    outputs = (OutputSpec("ppl_len@*W", better="lower", leaderboard=True, table=("1W", "2W", "5W", "10W", "20W"),
+                          table_modes=("nonoverlapping",), header="len {x}",
+                          note="len kW: perplexity of independent sequences of k x W tokens."),)
+    plots = (PlotSpec("ppl_by_length", kind="length", filename="ppl_by_length.png",
+                      xlabel="evaluation length L (multiples of W)", ylabel="perplexity of whole sequences"),)
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         out: dict = {}
@@ -122,6 +138,10 @@ class ContextUtilization(Metric):
 
     modes = ("full",)
     perfect = {"ppl_ctx@1W": 1.0}
+    outputs = (OutputSpec("ppl_ctx@*W", better="lower", leaderboard=True),)
+    plots = (PlotSpec("ppl_by_context", kind="context", filename="ppl_by_context.png",
+                      xlabel="context available before the target tokens (multiples of W)",
+                      ylabel="perplexity of the same target tokens"),)
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         out: dict = {}
@@ -144,6 +164,22 @@ class RecallByDistance(Metric):
     requires = ("recall_kind", "recall_distance")
     perfect = {"recall@<=W": 1.0, "recall@>W": 1.0}
     KINDS = {"": (1, 2), "_recent": (1,), "_keyed": (2,)}
+    outputs = (
+        OutputSpec("recall@<=W", better="higher", leaderboard=True, table="all", checkpoint=True, header="rec≤W",
+                   percent=True, digits=1, note="rec: recall accuracy in %, answers stated within / beyond W back."),
+        OutputSpec("recall@>W", better="higher", leaderboard=True, table="all", checkpoint=True, header="rec>W",
+                   percent=True, digits=1),
+        OutputSpec("recall_*@*W", better="higher", leaderboard=True, checkpoint=True),
+        OutputSpec("recall_chance", checkpoint=True),
+    )
+    plots = (PlotSpec("recall_by_distance", kind="recall", filename="recall_by_distance.png",
+                      xlabel="distance to the answer's last statement (multiples of W)",
+                      ylabel="recall accuracy"),)
+
+    def example_inputs(self, n, length, rng):
+        kind = np.where(rng.random((n, length)) < 0.1, rng.integers(1, 3, (n, length)), 0)
+        dist = np.where(kind > 0, rng.integers(1, 4 * length, (n, length)), 0)
+        return {"recall_kind": kind, "recall_distance": dist}, {"chance_recall": 1 / 32}
 
     def compute(self, scores: Scores, config: RecallConfig, ctx: MetricContext):
         kind = scores.annotations["recall_kind"]
@@ -177,6 +213,17 @@ class ExcessLoss(Metric):
 
     requires = ("optimal_nll",)
     perfect = {"excess_nll": 0.0}
+    outputs = (
+        OutputSpec("excess_nll", better="lower", leaderboard=True, checkpoint=True),
+        OutputSpec("excess_nll@*W", better="lower", leaderboard=True, checkpoint=True),
+        OutputSpec("ppl_optimal@*W", leaderboard=True, reference="position", label="Bayes-optimal"),
+    )
+    plots = (PlotSpec("excess_nll_by_position", kind="excess", filename="excess_nll_by_position.png",
+                      xlabel="position (multiples of the training window W)",
+                      ylabel="NLL above the Bayes-optimal (nats/token)"),)
+
+    def example_inputs(self, n, length, rng):
+        return {"optimal_nll": np.zeros((n, length), np.float32)}, {}
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         excess = scores.nll - scores.annotations["optimal_nll"]
@@ -203,6 +250,19 @@ class UnigramReference(Metric):
     """Perplexity a unigram model fit on the training split gets on the same tokens."""
 
     requires = ("unigram_nll",)
+    outputs = (OutputSpec("ppl_unigram@*W", leaderboard=True, reference="position", label="unigram"),
+               OutputSpec("ppl_unigram", leaderboard=True))
+
+    def annotate(self, corpus, sequences, config):
+        """Per-token NLL of an add-one unigram model fit on the training split."""
+        counts = np.bincount(np.asarray(corpus.train.tokens), minlength=corpus.vocab_size).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())
+        nll = (-logp[sequences]).astype(np.float32)
+        nll[:, 0] = 0.0  # the first token is context only
+        return {"unigram_nll": nll}
+
+    def example_inputs(self, n, length, rng):
+        return {"unigram_nll": np.full((n, length), np.log(32), np.float32)}, {}
 
     def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
         uni = scores.annotations["unigram_nll"].astype(np.float64)
