@@ -365,7 +365,8 @@ def x_multiple(x: str) -> float | None:
 class PlotSpec:
     """A plot drawn from a :class:`Series` output: one curve per (architecture, mode) with its
     interval band, x in multiples of W on a log scale, W marked. ``kind`` is its name for
-    ``lengen plot --kind``; the run writes it as ``filename``. ``log_y`` for a log y axis."""
+    ``lengen plot --kind``; the run writes it as ``filename``. ``log_y`` for a log y axis;
+    ``primary``: the plot ``lengen plot`` draws when no kind is given."""
 
     series: str
     kind: str
@@ -374,6 +375,7 @@ class PlotSpec:
     ylabel: str = ""
     title: str = ""
     log_y: bool = False
+    primary: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)

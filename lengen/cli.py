@@ -247,18 +247,19 @@ def plugins(as_json):
         click.echo(json.dumps(infos, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
 
     out = Console()
     colour = {"loaded": "green", "failed": "red", "disabled": "yellow"}
     for i in infos:
         source = f"{i['distribution']} {i['version']}" if i["distribution"] else "registered in-process"
-        out.print(f"[bold]{i['name']}[/bold]  ({source})  [{colour[i['status']]}]{i['status']}[/]")
+        out.print(f"[bold]{escape(i['name'])}[/bold]  ({escape(source)})  [{colour[i['status']]}]{i['status']}[/]")
         if i["hooks"]:
             out.print(f"  {'hooks:':<15}" + ", ".join(h.removeprefix("lengen_") for h in i["hooks"]))
         for kind, names in i["components"].items():
-            out.print(f"  {kind + 's:':<15}" + ", ".join(names))
+            out.print(f"  {kind + 's:':<15}" + escape(", ".join(names)))
         for err in i["errors"]:
-            out.print(f"  [red]{'error:':<15}[/red]{err}")
+            out.print(f"  [red]{'error:':<15}[/red]{escape(err)}")
 
 
 @click.command(name="list")
@@ -280,24 +281,26 @@ def list_cmd(kind, as_json):
     table = Table(title=f"lengen {kind}")
     for col in ("name", "description", "plugin"):
         table.add_column(col, overflow="fold")
+    from rich.markup import escape
+
     for it in items:
-        table.add_row(it["name"], it["description"], it["plugin"])
+        table.add_row(escape(it["name"]), escape(it["description"]), escape(it["plugin"]))
     Console().print(table)
 
 
 @click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--kind", help="Plot kind: a kind the records' metrics declare (position, length, ...) or "
-                             "evolution; default: the first declared.")
+@click.option("--kind", help="Plot kind: one the records' metrics declare, or evolution; default: the "
+                             "records' primary plot.")
 @click.option("--out", type=click.Path(path_type=Path), help="PNG path (default: in the first run's folder).")
 def plot(runs, kind, out):
     """Plot one or more runs (folders or record.json files) together."""
     from lengen.errors import did_you_mean
-    from lengen.plots import EVOLUTION, plot as make_plot, plot_kinds
+    from lengen.plots import EVOLUTION, default_kind, plot as make_plot, plot_kinds
 
     records = _records_from(runs)
     kinds = plot_kinds(records)
-    kind = kind or next(iter(kinds), EVOLUTION)
+    kind = kind or default_kind(records)
     if kind not in kinds:
         raise LengenError("--kind: " + did_you_mean(kind, kinds, kind="plot kind"))
     out = out or (runs[0] if runs[0].is_dir() else runs[0].parent) / kinds[kind]
@@ -362,6 +365,7 @@ def check(archs, datasets, metric_names, benchmark, overrides, benchmarks_file, 
         click.echo(json.dumps(rows, indent=2))
     else:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(title="lengen check", title_justify="left")
@@ -369,7 +373,7 @@ def check(archs, datasets, metric_names, benchmark, overrides, benchmarks_file, 
             t.add_column(col, overflow="fold")
         for r in rows:
             res = {True: "[green]pass", False: "[red]FAIL", None: "[yellow]skip"}[r["passed"]]
-            t.add_row(r["component"], r["check"], res, r["reason"], f"{r['seconds']:.1f}")
+            t.add_row(escape(r["component"]), r["check"], res, escape(r["reason"]), f"{r['seconds']:.1f}")
         Console().print(t)
         click.echo(f"{len(failed)} failed" if failed else "all checks passed")
     if failed:

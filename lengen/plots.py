@@ -43,6 +43,14 @@ def plot_kinds(records: list[dict]) -> dict[str, str]:
     return {**{k: p.filename for k, p in plot_specs(records).items()}, EVOLUTION: EVOLUTION_FILE}
 
 
+def default_kind(records: list[dict]) -> str:
+    """The plot to draw when none is named: a primary one the records have data for, else the
+    first such, else evolution."""
+    have = {name for r in records for ev in r.get("evaluations", {}).values() for name in ev.get("series", {})}
+    specs = [p for p in plot_specs(records).values() if p.series in have]
+    return next((p.kind for p in specs if p.primary), specs[0].kind if specs else EVOLUTION)
+
+
 def _series_mean(curves: list[dict]):
     """Mean of curves (seeds) with the envelope of their intervals; None when absent."""
     curves = [c for c in curves if c and c.get("x")]

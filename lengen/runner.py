@@ -83,6 +83,7 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
     outcome. Ctrl-C and SIGTERM (raised as :class:`KeyboardInterrupt`) stop it, with the
     run's status ``interrupted`` and every record already written kept."""
     from rich.console import Console
+    from rich.markup import escape
 
     from lengen.job import run_job
     from lengen.provenance import provenance
@@ -125,17 +126,17 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
                                step=heartbeat.state.get("step"))
                 except TrainingDivergedError as exc:
                     job.update(status="diverged", step=exc.step, error=str(exc))
-                    console.print(f"[red]diverged:[/red] {exc}")
+                    console.print(f"[red]diverged:[/red] {escape(str(exc))}")
                 except LengenError as exc:
                     job.update(status="failed", step=heartbeat.state.get("step"), error=str(exc))
-                    console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {exc}")
+                    console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {escape(str(exc))}")
                 except Exception as exc:  # noqa: BLE001 - a plugin's bug fails its job, not the run
                     trace = record_dir(run_dir, comp.name, seed) / "error.txt"
                     trace.parent.mkdir(parents=True, exist_ok=True)
                     trace.write_text(traceback.format_exc())
                     job.update(status="failed", step=heartbeat.state.get("step"),
                                error=f"{type(exc).__name__}: {exc} (traceback in {trace.relative_to(run_dir)})")
-                    console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {job['error']}")
+                    console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {escape(job['error'])}")
                 job["wall_s"] = time.time() - job["started"]
                 save()
         job = None

@@ -319,11 +319,14 @@ def test_plot_and_compare_skip_a_corrupt_record_and_name_it(tiny_results, tmp_pa
     bad = copy / "broken" / "seed0" / "record.json"
     bad.parent.mkdir(parents=True)
     bad.write_text('{"schema": 1, "arch": ')
+    for png in copy.glob("*.png"):
+        png.unlink()
     import warnings
 
-    for args in (["plot", str(copy), "--kind", "position"], ["compare", str(copy)]):
+    for args in (["plot", str(copy)], ["compare", str(copy)]):
         with warnings.catch_warnings():
             warnings.simplefilter("always")  # each command is its own process in real use
             res = CliRunner().invoke(make_cli(), args)
         assert res.exit_code == 0, res.output
         assert f"warning: skipping unreadable record {bad}" in res.output and "Traceback" not in res.output
+    assert [p.name for p in copy.glob("*.png")] == ["ppl_by_position.png"]  # the primary plot by default

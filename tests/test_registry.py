@@ -215,6 +215,13 @@ def test_entry_point_name_clashing_with_a_builtin_is_reported(fake_dist):
     assert "rename the entry point" in clash.errors[0]
     assert ("sw (fakeplug-clash)", clash.errors[0]) in host.errors()  # warned on every command
     assert "sw" in host.architectures and "clash-arch" not in host.architectures
+    from click.testing import CliRunner
+
+    from lengen.cli import make_cli
+
+    out = " ".join(CliRunner().invoke(make_cli(), ["plugins"]).output.split())
+    assert "sw (fakeplug-clash) (fakeplug-clash 0.1) failed" in out
+    assert "rename the entry point in fakeplug-clash pyproject.toml ([project.entry-points.lengen])" in out
 
 
 def test_asking_for_a_component_of_a_disabled_plugin_names_it(monkeypatch):

@@ -57,7 +57,7 @@ class PositionPerplexity(Metric):
     )
     plots = (PlotSpec("ppl_by_position", kind="position", filename="ppl_by_position.png",
                       xlabel="position (multiples of the training window W)",
-                      ylabel="perplexity of the bucket ending there"),)
+                      ylabel="perplexity of the bucket ending there", primary=True),)
 
     def compute(self, scores: Scores, config: PerplexityConfig, ctx: MetricContext):
         nll, L = scores.nll, scores.length
