@@ -78,12 +78,19 @@ class Scorer:
     batch_tokens: int = 16 * 1280  # tokens per forward batch (rows per batch = this // row length)
     chunk: int | None = None  # tokens per forward for stateful models (None: by logit budget)
     autocast: object = None
+    #: measure the peak memory of the first batch (every batch of a call has the same shapes,
+    #: so that is the evaluation's peak, at a fraction of the cost of tracking every batch)
+    measure_memory: bool = False
+    memory_peak: int | None = None
+    memory_method: str | None = None
     tokens_processed: int = 0
     stat_sums: dict = field(default_factory=dict)
     stat_count: int = 0
 
     def score_rows(self, rows: np.ndarray, last: int, on_rows=None) -> tuple[np.ndarray, np.ndarray]:
         """NLL and correctness of the last ``last`` predictions of each row ``[R, T + 1]``."""
+        from lengen.measure import peak_memory
+
         R, T1 = rows.shape
         T = T1 - 1
         if not 0 < last <= T:
@@ -92,42 +99,17 @@ class Scorer:
         correct = np.empty((R, last), dtype=bool)
         self.model.eval()
         grad = torch.enable_grad() if self.arch.grad_in_eval else torch.no_grad()
-        autocast = self.autocast or contextlib.nullcontext
-        vocab = None
         with grad:
             per_batch = max(1, self.batch_tokens // T)
             for r0 in range(0, R, per_batch):
                 x = torch.from_numpy(np.ascontiguousarray(rows[r0:r0 + per_batch])).to(self.device)
-                B = x.shape[0]
-                state, pos = None, 0
-                while pos < T:
-                    if not self.arch.stateful:
-                        end = T
-                    elif self.chunk:
-                        end = min(T, pos + self.chunk)
-                    else:
-                        step = T if vocab is None else max(1, LOGIT_BUDGET // (B * vocab))
-                        end = min(T, pos + step)
-                    with autocast():
-                        out = as_output(self.model(x[:, pos:end], state) if self.arch.stateful
-                                        else self.model(x[:, :end]))
-                    logits = out.logits[:, -(end - pos):]
-                    vocab = logits.shape[-1]
-                    lo = max(pos, T - last)  # first column of this chunk that is scored
-                    if lo < end:
-                        lg = logits[:, lo - pos:].float()
-                        target = x[:, lo + 1:end + 1]
-                        logp = F.log_softmax(lg, dim=-1)
-                        c0, c1 = lo - (T - last), end - (T - last)
-                        nll[r0:r0 + B, c0:c1] = (-logp.gather(-1, target[..., None])[..., 0]).double().cpu().numpy()
-                        correct[r0:r0 + B, c0:c1] = (lg.argmax(-1) == target).cpu().numpy()
-                    for k, v in out.stats.items():
-                        v = v.detach().float()
-                        self.stat_sums[k] = self.stat_sums.get(k, 0.0) + float(v.sum()) * (1 if v.dim() else B * (end - pos))
-                    self.stat_count += B * (end - pos)
-                    state = out.state if self.arch.stateful else None
-                    pos = end
-                self.tokens_processed += B * T
+                out = (nll[r0:r0 + per_batch], correct[r0:r0 + per_batch])
+                if self.measure_memory and self.memory_peak is None:
+                    _, self.memory_peak, self.memory_method = peak_memory(lambda: self._batch(x, last, *out),
+                                                                          self.device)
+                else:
+                    self._batch(x, last, *out)
+                self.tokens_processed += x.shape[0] * T
                 if on_rows:
                     on_rows(min(R, r0 + per_batch), R)
         if not np.all(np.isfinite(nll)):
@@ -135,6 +117,39 @@ class Scorer:
             raise LengenError(f"evaluation produced {bad} non-finite token losses; the model's outputs "
                               "overflow (check its numerics, or evaluate in fp32)")
         return nll, correct
+
+    def _batch(self, x: torch.Tensor, last: int, nll: np.ndarray, correct: np.ndarray) -> None:
+        """Score one batch of rows ``x`` ``[B, T + 1]`` into ``nll`` and ``correct`` ``[B, last]``:
+        a stateful model chunk by chunk with its state carried, any other in one pass."""
+        B, T = x.shape[0], x.shape[1] - 1
+        autocast = self.autocast or contextlib.nullcontext
+        state, pos, vocab = None, 0, None
+        while pos < T:
+            if not self.arch.stateful:
+                end = T
+            elif self.chunk:
+                end = min(T, pos + self.chunk)
+            else:
+                step = T if vocab is None else max(1, LOGIT_BUDGET // (B * vocab))
+                end = min(T, pos + step)
+            with autocast():
+                out = as_output(self.model(x[:, pos:end], state) if self.arch.stateful else self.model(x[:, :end]))
+            logits = out.logits[:, -(end - pos):]
+            vocab = logits.shape[-1]
+            lo = max(pos, T - last)  # first column of this chunk that is scored
+            if lo < end:
+                lg = logits[:, lo - pos:].float()
+                target = x[:, lo + 1:end + 1]
+                logp = F.log_softmax(lg, dim=-1)
+                c0, c1 = lo - (T - last), end - (T - last)
+                nll[:, c0:c1] = (-logp.gather(-1, target[..., None])[..., 0]).double().cpu().numpy()
+                correct[:, c0:c1] = (lg.argmax(-1) == target).cpu().numpy()
+            for k, v in out.stats.items():
+                v = v.detach().float()
+                self.stat_sums[k] = self.stat_sums.get(k, 0.0) + float(v.sum()) * (1 if v.dim() else B * (end - pos))
+            self.stat_count += B * (end - pos)
+            state = out.state if self.arch.stateful else None
+            pos = end
 
     def stats(self) -> dict[str, float]:
         return {k: v / max(1, self.stat_count) for k, v in self.stat_sums.items()}
@@ -250,8 +265,6 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
 
     ``extras``: also the nonoverlapping lengths and the context curve (not at checkpoints).
     ``measure_memory``: record the peak memory of the first mode's scoring in its ``info``."""
-    from lengen.measure import peak_memory
-
     W = suite.window
     L = seqs.shape[1] - 1
     lengths = suite.eval.tokens(suite.eval.lengths, W)
@@ -259,7 +272,7 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
     out: dict[str, ModeEval] = {}
     for i, mode in enumerate(modes):
         scorer = Scorer(model, arch, device=device, batch_tokens=suite.eval.batch_size * L, autocast=autocast,
-                        chunk=chunk)
+                        chunk=chunk, measure_memory=measure_memory and i == 0)
         t0 = time.perf_counter()
         if mode == "full":
             score = lambda: score_full(scorer, seqs, ann)  # noqa: E731
@@ -268,11 +281,7 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
         else:
             score = lambda: Scores(None, None, {}, mode="nonoverlapping",  # noqa: E731
                                    lengths=score_nonoverlapping(scorer, seqs, lengths) if extras else {})
-        peak = None
-        if measure_memory and i == 0:
-            scores, peak, how = peak_memory(score, device)
-        else:
-            scores = score()
+        scores = score()
         if scores.nll is not None:
             scores.lengths = lengths_from_prefix(scores, lengths)
         wall = time.perf_counter() - t0
@@ -281,8 +290,8 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
                 "tokens_per_s": scored / wall if wall > 0 else None,
                 "tokens_processed": scorer.tokens_processed, "stats": scorer.stats(),
                 "batch_sequences": max(1, scorer.batch_tokens // L), "chunk": chunk if arch.stateful else None}
-        if peak is not None:
-            info.update(peak_memory_bytes=peak, memory_method=how)
+        if scorer.memory_peak is not None:
+            info.update(peak_memory_bytes=scorer.memory_peak, memory_method=scorer.memory_method)
         if mode == "window":
             info["stride"] = suite.eval.stride
         if mode == "full" and extras and suite.eval.contexts:
