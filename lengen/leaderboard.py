@@ -250,7 +250,7 @@ def render(rows: list[dict], fmt: str, console=None) -> str | None:
             for r in grp:
                 cells = []
                 for _h, key in cols:
-                    text = _format_cell(r.get(key), key, spec_for(key, specs), markdown=True)
+                    text = _format_cell(r.get(key), key, spec_for(key, specs))
                     if key in r.get("best", []):
                         text = f"**{text}**"
                     elif key in r.get("overlaps_best", []):
@@ -270,7 +270,7 @@ def render(rows: list[dict], fmt: str, console=None) -> str | None:
     return tables
 
 
-def _format_cell(v: Any, key: str, spec: OutputSpec | None, *, markdown: bool) -> str:
+def _format_cell(v: Any, key: str, spec: OutputSpec | None) -> str:
     """A cell as text: counts with thousands separators, metric values with their interval."""
     if v is None:
         return "-"

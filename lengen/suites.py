@@ -164,9 +164,6 @@ class Suite(StrictConfig):
         family = name.split("-", 1)[0]
         return dict(self.arch.get(family, {}))
 
-    def hash(self) -> str:
-        return super().hash()
-
 
 # ---------------------------------------------------------------------------------------
 # loading

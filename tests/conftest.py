@@ -43,12 +43,5 @@ def fake_dist(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tiny_run_args():
-    """CLI arguments that make `lengen run` finish in seconds (for plumbing tests)."""
-    return ["--steps", "4", "--set", "eval.sequences=4", "--set", "eval.bootstrap=50",
-            "--set", "data.train_tokens=20000", "--set", "eval.batch_size=4", "--no-plot"]
-
-
-@pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
