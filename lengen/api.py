@@ -82,9 +82,11 @@ class BuildContext:
 class ParamGroup:
     """An optimizer parameter group an architecture asks for.
 
-    ``update_every=n`` accumulates this group's gradients over ``n`` optimizer steps and
-    applies them on every n-th step (the CMS-LSTM's slow levels); ``lr_scale`` multiplies
-    the benchmark's learning rate; ``weight_decay=None`` keeps the benchmark's value.
+    ``update_every=n`` sums this group's gradients over ``n`` optimizer steps and applies the
+    sum on steps n, 2n, ... (1-based) with an optimizer of its own, whose moments advance only
+    on those steps (the CMS-LSTM's slow levels); ``lr_scale`` multiplies the benchmark's
+    learning rate; ``weight_decay=None`` keeps the benchmark's value. The groups must hold
+    every trainable parameter exactly once.
     """
 
     params: list
@@ -101,12 +103,17 @@ class Output:
     ``aux_losses``: named scalar losses, already weighted, added to the training loss and
     reported apart from the language-modelling loss. ``stats``: named per-token tensors
     ``[batch, time]`` (e.g. inner iterations, FLOPs) averaged and recorded at evaluation.
+    ``logs``: named scalars logged during training beside the loss but not added to it (a
+    state norm). ``internals``: tensors :meth:`Architecture.training_losses` needs (e.g. a
+    layer's output, to take the loss's gradient with respect to it); never recorded.
     """
 
     logits: Any
     state: Any = None
     aux_losses: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
+    internals: dict[str, Any] = field(default_factory=dict)
 
 
 def as_output(ret: Any) -> Output:
@@ -142,6 +149,15 @@ class Architecture(ABC):
         """Own optimizer groups and update schedule; ``None`` uses the harness's default
         (weight decay on matrices, none on vectors)."""
         return None
+
+    def training_losses(self, model, output: "Output", targets, token_nll) -> dict[str, Any]:
+        """Optional: auxiliary training losses that need the targets or the LM loss, called
+        after every training forward with the (unwrapped) model, its :class:`Output`, the
+        targets ``[batch, time]`` and the per-token NLL ``[batch, time]`` (with its graph).
+        Returned scalars are added to the loss and logged apart, like ``Output.aux_losses``.
+        E.g. a "surprise" term: ``torch.autograd.grad(token_nll.sum(), output.internals["y"],
+        retain_graph=True)``."""
+        return {}
 
     def flops_per_token(self, model, config: ArchConfig, seq_len: int) -> float | None:
         """Analytic forward FLOPs per token, for models whose compute the FLOP counter

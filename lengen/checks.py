@@ -5,7 +5,8 @@ on CPU in seconds with small random inputs; none needs training.
 
 Architectures: causality, state equivalence (streaming in chunks == one pass), window
 equivalence (window-mode evaluation at L = W == full mode), determinism under a seed,
-finite outputs at 20 x W, config rejects unknown keys, output shape.
+finite outputs at 20 x W, state kept out of registered buffers, config rejects unknown
+keys, output shape.
 Datasets: deterministic streams and a stable fingerprint for a seed, well-formed splits.
 Metrics: declared best values on perfect predictions, finite outputs.
 """
@@ -210,6 +211,28 @@ def check_finite_long(s: ArchSubject, multiple: int = 20) -> str | None:
     return None
 
 
+def check_state_not_in_buffers(s: ArchSubject) -> str | None:
+    """A forward leaves the module's registered buffers as they were: state kept in buffers
+    would be shared by every sequence of a batch, and data-parallel training overwrites
+    buffers with rank 0's on every forward. Carried state belongs in the returned state."""
+    model = s.build()
+    before = {k: b.detach().clone() for k, b in model.named_buffers()}
+    if not before:
+        return None
+    x = s.tokens(2, s.window + 3)
+    out = s.forward(model, x)
+    if s.arch.stateful:
+        s.forward(model, x, out.state)
+    model.train()
+    s.forward(model, s.tokens(2, s.window, seed=5))
+    changed = [k for k, b in model.named_buffers() if k in before and not __import__("torch").equal(b, before[k])]
+    if changed:
+        raise CheckFailed(f"the forward changed the registered buffer(s) {', '.join(changed[:3])}: keep carried state "
+                          "in the state forward returns (buffers are shared by every sequence and overwritten by "
+                          "data-parallel training)")
+    return None
+
+
 def check_config_strict(s: ArchSubject) -> str | None:
     """The config class rejects a key it does not know."""
     from pydantic import ValidationError
@@ -232,6 +255,7 @@ ARCH_CHECKS: dict[str, Callable] = {
     "window equivalence": check_window_equivalence,
     "determinism": check_determinism,
     "finite at 20 x W": check_finite_long,
+    "state not in buffers": check_state_not_in_buffers,
     "config rejects unknown keys": check_config_strict,
 }
 

@@ -175,6 +175,26 @@ class ForgetfulLM(DecayLM):
         return _Forgetful(ctx.vocab_size, config.d_model)
 
 
+class _Buffered(_Decay):
+    """Keeps its running average in a registered buffer instead of returning it."""
+
+    def __init__(self, vocab: int, d: int):
+        super().__init__(vocab, d)
+        self.register_buffer("h", torch.zeros(d))
+
+    def forward(self, input_ids, state=None):
+        logits, h = super().forward(input_ids, self.h.expand(input_ids.shape[0], -1))
+        self.h.copy_(h.detach().mean(0))
+        return logits, None
+
+
+class BufferedLM(DecayLM):
+    """Broken: carries its state in a registered buffer."""
+
+    def build(self, config, ctx: BuildContext):
+        return _Buffered(ctx.vocab_size, config.d_model)
+
+
 class _Noisy(_Bigram):
     def forward(self, input_ids, state=None):
         logits, _ = super().forward(input_ids)
@@ -243,6 +263,9 @@ class ArchitectureContract:
 
     def test_finite_at_20W(self):
         self._check("finite at 20 x W")
+
+    def test_state_not_in_buffers(self):
+        self._check("state not in buffers")
 
     def test_config_rejects_unknown_keys(self):
         self._check("config rejects unknown keys")

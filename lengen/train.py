@@ -1,8 +1,10 @@
 """The training loop: one recipe for every architecture, through accelerate.
 
 Read top to bottom: batches of training windows, AdamW with the architecture's parameter
-groups (and their update schedule), warmup + cosine learning rate, gradient accumulation
-and clipping, optional state passing across consecutive windows, a progress callback.
+groups (and their update schedule: a slow group sums its gradients between its updates),
+warmup + cosine learning rate, gradient accumulation and clipping, optional state passing
+across consecutive windows, auxiliary losses (from the forward, or from the architecture
+given the targets), a progress callback.
 """
 
 from __future__ import annotations
@@ -174,11 +176,123 @@ class TrainResult:
     state_passing: bool
     stopped_early_at: int | None = None
     doc_policy: str = "random windows"  # how training windows were drawn (see WindowBatches)
-    losses: list[dict] = field(default_factory=list)  # every log_every steps: step, loss, aux...
+    losses: list[dict] = field(default_factory=list)  # every log_every steps: step, loss, aux, logs, grad norms
     groups: list[dict] = field(default_factory=list)
+    #: groups whose summed gradient of their last steps was never applied (training ended
+    #: between two of their updates): name, update_every, pending_steps
+    pending: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def check_groups(model: torch.nn.Module, groups: list[ParamGroup], who: str) -> None:
+    """Every trainable parameter in exactly one group (a clear error naming the others)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    count: dict[int, int] = {}
+    for g in groups:
+        for p in g.params:
+            count[id(p)] = count.get(id(p), 0) + 1
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in count]
+    twice = [names.get(i, "?") for i, c in count.items() if c > 1]
+    foreign = [i for i in count if i not in names]
+    if missing or twice or foreign:
+        what = "; ".join(part for part in (
+            f"leave out {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            if missing else "",
+            f"list {', '.join(twice[:5])} more than once" if twice else "",
+            f"hold {len(foreign)} tensors that are not the model's parameters" if foreign else "") if part)
+        raise ConfigError(f"{who}: param_groups must hold every trainable parameter exactly once, but they {what}")
+
+
+class Trainer:
+    """One model's training state and its optimizer step, read top to bottom in :meth:`step`.
+
+    Parameter groups (``Architecture.param_groups``, else weight decay on matrices only) get
+    one AdamW per update period, so a group's Adam moments advance only on its own updates.
+    A group with ``update_every = n`` **sums** its gradients over n steps and its optimizer
+    steps on steps n, 2n, ... (1-based): the Nested Learning rule. Clipping (``train.clip``)
+    applies to each optimizer's gradient when it steps."""
+
+    def __init__(self, model, arch: Architecture, config: ArchConfig, tokens: np.ndarray, spec: TrainSpec, *,
+                 window: int, seed: int, accelerator, doc_starts: np.ndarray | None = None, label: str = ""):
+        self.arch, self.config, self.spec, self.window, self.seed = arch, config, spec, window, seed
+        self.accelerator, self.label = accelerator, label
+        self.state_passing = bool(spec.state_passing and arch.train_state_passing)
+        self.groups = arch.param_groups(model, config) or default_param_groups(model)
+        check_groups(model, self.groups, f"architecture {label.split(' seed')[0] or type(arch).__name__!r}")
+        optimizers = {}
+        for every in sorted({g.update_every for g in self.groups}):
+            pgs = [{"params": g.params, "name": g.name, "lr": spec.lr * g.lr_scale, "lr_scale": g.lr_scale,
+                    "weight_decay": spec.weight_decay if g.weight_decay is None else g.weight_decay}
+                   for g in self.groups if g.update_every == every and g.params]
+            optimizers[every] = adamw(pgs, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        prepared = accelerator.prepare(model, *optimizers.values())
+        self.model, self.opts = prepared[0], dict(zip(optimizers, prepared[1:]))
+        self.batches = [WindowBatches(tokens, window, spec.batch_size, seed * 1000 + i, self.state_passing,
+                                      doc_starts=doc_starts, doc_policy=spec.doc_policy)
+                        for i in range(spec.grad_accum)]
+        self.states: list[Any] = [None] * spec.grad_accum
+        self.tokens_per_step = spec.batch_size * spec.grad_accum * window
+        self.done = 0  # optimizer steps taken
+        self.grad_norms: dict[str, float] = {}  # each group's gradient norm at its latest update
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def step(self, measure_norms: bool = False) -> dict:
+        """One optimizer step: the micro-batches' forward and backward, then every optimizer
+        whose period ends here. Returns the step's mean LM loss, auxiliary losses and logs."""
+        spec, step = self.spec, self.done
+        lm_total, aux, logs = 0.0, {}, {}
+        for micro in range(spec.grad_accum):
+            batch, reset = self.batches[micro].next()
+            batch = batch.to(self.accelerator.device)
+            state = None if reset else detach_state(self.states[micro])
+            out = as_output(self.model(batch[:, :-1], state))
+            targets = batch[:, 1:]
+            token_nll = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
+                                        reduction="none").view(targets.shape)
+            lm = token_nll.mean()
+            aux_losses = {**out.aux_losses, **self.arch.training_losses(self.module, out, targets, token_nll)}
+            loss = lm + sum(aux_losses.values()) if aux_losses else lm
+            self.accelerator.backward(loss / spec.grad_accum)
+            self.states[micro] = out.state if self.state_passing else None
+            lm_total += lm.item() / spec.grad_accum
+            for target, values in ((aux, aux_losses), (logs, out.logs)):
+                for k, v in values.items():
+                    target[k] = target.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / spec.grad_accum
+        if not math.isfinite(lm_total) or not all(math.isfinite(v) for v in aux.values()):
+            raise TrainingDivergedError(
+                f"{self.label or 'training'}: the loss became {lm_total} at step {step + 1} (seed {self.seed}); "
+                f"lower train.lr (now {spec.lr}) or keep train.clip > 0 (now {spec.clip})", step=step + 1)
+        factor = lr_factor(step, spec)
+        for every, opt in self.opts.items():
+            if (step + 1) % every:
+                continue  # this period's groups keep summing their gradients
+            if measure_norms or every > 1:
+                for g in opt.param_groups:
+                    grads = [p.grad.detach().float().norm() for p in g["params"] if p.grad is not None]
+                    self.grad_norms[g["name"]] = float(torch.stack(grads).norm()) if grads else 0.0
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if spec.clip > 0:
+                self.accelerator.clip_grad_norm_(params, spec.clip)
+            for g in opt.param_groups:
+                g["lr"] = spec.lr * g["lr_scale"] * factor
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.done += 1
+        return {"loss": lm_total, "lr": spec.lr * factor, **aux, **logs}
+
+    def pending(self) -> list[dict]:
+        """Groups holding summed gradients their optimizer has not applied yet."""
+        out = []
+        for every, opt in self.opts.items():
+            k = self.done % every
+            if every > 1 and k:
+                out += [{"group": g["name"], "update_every": every, "pending_steps": k} for g in opt.param_groups]
+        return out
 
 
 def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, tokens: np.ndarray,
@@ -191,97 +305,63 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
 
     ``on_step(step, info)`` is called after every optimizer step (progress bars);
     ``on_checkpoint(step, model)`` at each step in ``checkpoint_steps`` (0 = before training);
-    if it returns True after a step, training stops there (early stopping).
+    if it returns True after a step, training stops there (early stopping). Every
+    ``log_every`` steps the record keeps the loss, lr, auxiliary losses, logged values and
+    each group's gradient norm at its latest update (``grad_norm.<group>``).
     """
-    state_passing = bool(spec.state_passing and arch.train_state_passing)
-    groups = arch.param_groups(model, arch_config) or default_param_groups(model)
-    schedules = sorted({g.update_every for g in groups})
-    optimizers = {}
-    for every in schedules:
-        pgs = [{"params": g.params, "lr": spec.lr * g.lr_scale, "lr_scale": g.lr_scale,
-                "weight_decay": spec.weight_decay if g.weight_decay is None else g.weight_decay}
-               for g in groups if g.update_every == every and g.params]
-        optimizers[every] = adamw(pgs, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
-    prepared = accelerator.prepare(model, *optimizers.values())
-    model, opts = prepared[0], dict(zip(optimizers, prepared[1:]))
-
-    batches = [WindowBatches(tokens, window, spec.batch_size, seed * 1000 + i, state_passing,
-                             doc_starts=doc_starts, doc_policy=spec.doc_policy)
-               for i in range(spec.grad_accum)]
-    states: list[Any] = [None] * spec.grad_accum
-    tokens_per_step = spec.batch_size * spec.grad_accum * window
+    trainer = Trainer(model, arch, arch_config, tokens, spec, window=window, seed=seed, accelerator=accelerator,
+                      doc_starts=doc_starts, label=label)
     checkpoint_steps = checkpoint_steps or set()
     losses, step_times = [], []
-    model.train()
+    trainer.model.train()
     if 0 in checkpoint_steps and on_checkpoint:
-        on_checkpoint(0, accelerator.unwrap_model(model))
+        on_checkpoint(0, trainer.module)
     start = time.perf_counter()
-    loss_value = float("nan")
+    info: dict = {"loss": float("nan")}
     stopped_at = None
-    done = 0
-    for step in range(spec.steps):
+    while trainer.done < spec.steps:
         t0 = time.perf_counter()
-        factor = lr_factor(step, spec)
-        lm_total, aux_totals = 0.0, {}
-        for micro in range(spec.grad_accum):
-            batch, reset = batches[micro].next()
-            batch = batch.to(accelerator.device)
-            state = None if reset else detach_state(states[micro])
-            out = as_output(model(batch[:, :-1], state))
-            lm = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
-            loss = lm + sum(out.aux_losses.values()) if out.aux_losses else lm
-            accelerator.backward(loss / spec.grad_accum)
-            states[micro] = out.state if state_passing else None
-            lm_total += lm.item() / spec.grad_accum
-            for k, v in out.aux_losses.items():
-                aux_totals[k] = aux_totals.get(k, 0.0) + float(v.detach()) / spec.grad_accum
-        if not math.isfinite(lm_total) or not all(math.isfinite(v) for v in aux_totals.values()):
-            raise TrainingDivergedError(
-                f"{label or 'training'}: the loss became {lm_total} at step {step + 1} (seed {seed}); "
-                f"lower train.lr (now {spec.lr}) or keep train.clip > 0 (now {spec.clip})", step=step + 1)
-        for every, opt in opts.items():
-            if (step + 1) % every:
-                continue  # this group keeps accumulating
-            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if every > 1:
-                for p in params:
-                    p.grad.div_(every)
-            if spec.clip > 0:
-                accelerator.clip_grad_norm_(params, spec.clip)
-            for g in opt.param_groups:
-                g["lr"] = spec.lr * g["lr_scale"] * factor
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        loss_value = lm_total
+        log = trainer.done % log_every == 0 or trainer.done == spec.steps - 1
+        info = trainer.step(measure_norms=log)
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        if step % log_every == 0 or step == spec.steps - 1:
-            losses.append({"step": step + 1, "loss": round(lm_total, 5), "lr": spec.lr * factor,
-                           **{k: round(v, 6) for k, v in aux_totals.items()}})
+        done = trainer.done
+        if log:
+            losses.append({"step": done, **{k: v if k == "lr" else round(v, 6) for k, v in info.items()},
+                           **{f"grad_norm.{g}": round(v, 6) for g, v in trainer.grad_norms.items()}})
         if on_step:
-            on_step(step + 1, {"loss": lm_total, "tokens_per_s": tokens_per_step / dt, **aux_totals})
-        done = step + 1
+            on_step(done, {**info, "tokens_per_s": trainer.tokens_per_step / dt})
         if done in checkpoint_steps and on_checkpoint:
             t_ck = time.perf_counter()
-            stop = on_checkpoint(done, accelerator.unwrap_model(model))
+            stop = on_checkpoint(done, trainer.module)
             start += time.perf_counter() - t_ck  # evaluation time is not training time
-            model.train()
+            trainer.model.train()
             if stop:
                 stopped_at = done
                 break
     wall = time.perf_counter() - start
     steady = step_times[1:] or step_times
+    pending = trainer.pending()
+    if pending:
+        import warnings
+
+        warnings.warn(f"{label or 'training'}: training ended with unapplied summed gradients of "
+                      + ", ".join(f"{p['group']} ({p['pending_steps']} of {p['update_every']} steps)" for p in pending)
+                      + "; recorded in train.pending (use a step count divisible by every update period to avoid it)",
+                      stacklevel=2)
+    done = trainer.done
     return TrainResult(
         steps=done,
-        tokens=tokens_per_step * done,
+        tokens=trainer.tokens_per_step * done,
         wall_s=wall,
-        tokens_per_s=tokens_per_step * done / wall,
-        tokens_per_s_median=tokens_per_step / statistics.median(steady),
-        final_loss=loss_value,
-        state_passing=state_passing,
+        tokens_per_s=trainer.tokens_per_step * done / wall if wall > 0 else 0.0,
+        tokens_per_s_median=trainer.tokens_per_step / statistics.median(steady) if steady else 0.0,
+        final_loss=info["loss"],
+        state_passing=trainer.state_passing,
         stopped_early_at=stopped_at,
-        doc_policy=batches[0].policy,
+        doc_policy=trainer.batches[0].policy,
         losses=losses,
         groups=[{"name": g.name, "params": sum(p.numel() for p in g.params), "lr_scale": g.lr_scale,
-                 "update_every": g.update_every} for g in groups],
+                 "update_every": g.update_every} for g in trainer.groups],
+        pending=pending,
     )

@@ -44,6 +44,14 @@ def test_forgetful_state_fails_state_equivalence():
     assert "streaming in chunks of 1 differs from one pass" in res["state equivalence"].reason
 
 
+def test_state_in_a_buffer_fails():
+    from lengen.testing import BufferedLM
+
+    res = results(BufferedLM(), TinyConfig())
+    assert res["state not in buffers"].passed is False
+    assert "changed the registered buffer(s) h" in res["state not in buffers"].reason
+
+
 def test_nondeterministic_architecture_fails_determinism():
     res = results(NoisyLM(), TinyConfig())
     assert res["determinism"].passed is False

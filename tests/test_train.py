@@ -138,34 +138,104 @@ def test_state_passing_packed_when_documents_differ():
         WindowBatches(TOKENS, 16, 2, seed=0, state_passing=True, doc_starts=starts, doc_policy="reset")
 
 
-def test_slow_group_applies_the_mean_of_its_accumulated_gradients_at_its_lr(monkeypatch):
-    """The optimizer of a group with update_every = 4 sees, every 4th step, the mean of the
-    gradients of those 4 steps (the documented rule), at lr x lr_scale x the schedule."""
+def test_slow_group_applies_the_sum_of_its_gradients_in_one_adam_step_at_its_lr(monkeypatch):
+    """A group with update_every = 4: its parameters change exactly on steps 4 and 8, its
+    own optimizer steps twice (floor(8 / 4)), each update is one Adam step on the sum of the
+    4 per-step gradients, and every group's lr is exact."""
     import lengen.train as T
 
-    seen = []  # (group names, {param id: grad}, {group: lr}) at every optimizer step
+    seen = []  # at every optimizer step: ({param id: grad}, [(lr_scale, lr)], {param id: value before})
 
     class Recording(torch.optim.AdamW):
         def step(self, closure=None):
-            seen.append(({id(p): p.grad.clone() for g in self.param_groups for p in g["params"]},
-                         [(g["lr_scale"], g["lr"]) for g in self.param_groups]))
+            ps = [p for g in self.param_groups for p in g["params"]]
+            seen.append(({id(p): p.grad.clone() for p in ps}, [(g["lr_scale"], g["lr"]) for g in self.param_groups],
+                         {id(p): p.detach().clone() for p in ps}, self))
             return super().step(closure)
 
     monkeypatch.setattr(T, "adamw", lambda params, **kw: Recording(params, **kw))
     arch = TwoSpeedLM()
     torch.manual_seed(0)
     model = arch.build(TinyConfig(), BuildContext(vocab_size=20, window=16))
-    per_step = []  # the slow weight's gradient of every backward pass
-    model.out.weight.register_hook(lambda g: per_step.append(g.clone()))
+    w = model.out.weight
+    per_step, values = [], [w.detach().clone()]
+    w.register_hook(lambda g: per_step.append(g.clone()))  # the slow weight's gradient of every backward
     s = spec(steps=8, clip=0.0, warmup=2)
-    train(model, arch, TinyConfig(), TOKENS, s, window=16, seed=0, accelerator=Accelerator(cpu=True))
-    slow = [(grads, lrs) for grads, lrs in seen if id(model.out.weight) in grads]
-    fast = [(grads, lrs) for grads, lrs in seen if id(model.embed.weight) in grads]
+    res = train(model, arch, TinyConfig(), TOKENS, s, window=16, seed=0, accelerator=Accelerator(cpu=True),
+                on_step=lambda step, info: values.append(w.detach().clone()))
+    changed = [not torch.equal(values[i], values[i + 1]) for i in range(8)]
+    assert changed == [False, False, False, True, False, False, False, True]
+    slow = [x for x in seen if id(w) in x[0]]
+    fast = [x for x in seen if id(model.embed.weight) in x[0]]
     assert len(fast) == 8 and len(slow) == 2 and len(per_step) == 8
-    for k, (grads, lrs) in enumerate(slow):
-        expect = torch.stack(per_step[4 * k:4 * k + 4]).mean(0)
-        torch.testing.assert_close(grads[id(model.out.weight)], expect)
-        step = 4 * k + 3
-        assert lrs == [(0.25, pytest.approx(s.lr * 0.25 * lr_factor(step, s)))]
-    for step, (_grads, lrs) in enumerate(fast):
+    assert slow[0][3].state[w]["step"] == 2  # Adam's step count: floor(8 / 4)
+    assert fast[0][3].state[model.embed.weight]["step"] == 8
+    for k, (grads, lrs, before, _opt) in enumerate(slow):
+        torch.testing.assert_close(grads[id(w)], torch.stack(per_step[4 * k:4 * k + 4]).sum(0))
+        assert lrs == [(0.25, pytest.approx(s.lr * 0.25 * lr_factor(4 * k + 3, s)))]
+    for step, (_grads, lrs, _before, _opt) in enumerate(fast):
         assert lrs == [(1.0, pytest.approx(s.lr * lr_factor(step, s)))]
+    # the first slow update is exactly one Adam step on the summed gradient
+    ref = before = slow[0][2][id(w)].clone().requires_grad_(True)
+    adam = torch.optim.AdamW([ref], lr=s.lr * 0.25 * lr_factor(3, s), betas=tuple(s.betas), weight_decay=s.weight_decay)
+    ref.grad = torch.stack(per_step[:4]).sum(0)
+    adam.step()
+    torch.testing.assert_close(values[4], before.detach())
+    assert res.pending == []
+
+
+def test_pending_accumulation_at_the_end_is_reported():
+    with pytest.warns(UserWarning, match=r"unapplied summed gradients of slow \(2 of 4 steps\)"):
+        _, res = run(TwoSpeedLM(), spec(steps=10))
+    assert res.pending == [{"group": "slow", "update_every": 4, "pending_steps": 2}]
+
+
+def test_param_groups_must_cover_every_parameter_once():
+    from lengen.api import ParamGroup
+
+    class Partial(TwoSpeedLM):
+        def param_groups(self, model, config):
+            return [ParamGroup([model.embed.weight]), ParamGroup([model.embed.weight, model.out.weight])]
+
+    with pytest.raises(ConfigError, match=r"param_groups must hold every trainable parameter exactly once, but they "
+                                          r"leave out out.bias; list embed.weight more than once"):
+        run(Partial(), spec(steps=1), label="partial seed 0")
+
+
+def test_training_losses_get_the_targets_and_logs_stay_out_of_the_loss():
+    """An architecture's training_losses sees the targets and the per-token NLL (with its
+    graph); what it returns is added to the loss and logged; Output.logs are only logged."""
+    from lengen.api import Output
+
+    seen = {}
+
+    class Surprised(BigramLM):
+        def build(self, config, ctx):
+            model = super().build(config, ctx)
+            inner = model.forward
+
+            def forward(input_ids, state=None):
+                logits, _ = inner(input_ids)
+                return Output(logits, None, logs={"logit_norm": logits.detach().norm()}, internals={"logits": logits})
+            model.forward = forward
+            return model
+
+        def training_losses(self, model, output, targets, token_nll):
+            g, = torch.autograd.grad(token_nll.sum(), output.internals["logits"], retain_graph=True)
+            seen.update(targets=targets.shape, nll=token_nll.shape, requires_grad=g.requires_grad)
+            return {"surprise": 0.1 * (output.internals["logits"] - g).pow(2).mean()}
+
+    class Logged(Surprised):
+        def training_losses(self, model, output, targets, token_nll):
+            return {}
+
+    _, res = run(Surprised(), spec(steps=3))
+    assert seen == {"targets": (4, 16), "nll": (4, 16), "requires_grad": False}  # no second-order graph
+    first = res.losses[0]
+    assert first["surprise"] > 0 and first["logit_norm"] > 0 and "grad_norm.decay" in first
+    _, logged = run(Logged(), spec(steps=3))
+    _, plain = run(BigramLM(), spec(steps=3))
+    # a logged value is not part of the loss: with only the log, training is the plain model's
+    assert [x["loss"] for x in logged.losses] == [x["loss"] for x in plain.losses]
+    # the auxiliary loss is: it changes what the model learns
+    assert res.losses[-1]["loss"] != plain.losses[-1]["loss"]
