@@ -159,9 +159,27 @@ class Architecture(ABC):
         retain_graph=True)``."""
         return {}
 
-    def flops_per_token(self, model, config: ArchConfig, seq_len: int) -> float | None:
-        """Analytic forward FLOPs per token, for models whose compute the FLOP counter
-        cannot see (data-dependent loops). ``None``: measure with the FLOP counter."""
+    def flops_per_token(self, model, config: ArchConfig, seq_len: int) -> float | dict[str, float] | None:
+        """Analytic forward FLOPs per predicted token of one sequence of ``seq_len`` tokens, for
+        models whose compute the FLOP counter cannot see (compiled kernels, data-dependent
+        loops); the convention is the counter's: matrix-multiply FLOPs, 2 per multiply-add.
+        A dict gives named parts (e.g. ``{"inner_loop": ..., "rest": ...}``) whose sum is the
+        total. ``None``: measure with ``torch.utils.flop_counter.FlopCounterMode``."""
+        return None
+
+    def variants(self, config: ArchConfig) -> dict[str, dict] | None:
+        """Optional: named evaluations of the same trained weights under config changes that
+        leave the weights alone (an inference policy, a threshold). Each variant is built from
+        ``config`` updated with its dict, given the trained weights, calibrated, evaluated and
+        recorded as ``<architecture>.<variant>`` (its own leaderboard row). ``None``: one
+        evaluation with ``config``."""
+        return None
+
+    def calibrate(self, model, config: ArchConfig, sequences, device) -> dict | None:
+        """Optional: called after training and before evaluation with calibration sequences
+        ``[N, L + 1]`` cut from the training split (never the evaluation data), to set what
+        evaluation needs (e.g. thresholds frozen from percentiles of a signal) on the model.
+        Return what to record (JSON-able) in the record's ``calibration``."""
         return None
 
 

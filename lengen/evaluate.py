@@ -83,6 +83,10 @@ class Scorer:
     measure_memory: bool = False
     memory_peak: int | None = None
     memory_method: str | None = None
+    #: keep each per-token statistic of ``Output.stats`` per scored token (``token_stats``,
+    #: ``[rows, last]`` like the NLL) for statistics by position
+    keep_token_stats: bool = False
+    token_stats: dict = field(default_factory=dict)
     tokens_processed: int = 0
     stat_sums: dict = field(default_factory=dict)
     stat_count: int = 0
@@ -103,7 +107,7 @@ class Scorer:
             per_batch = max(1, self.batch_tokens // T)
             for r0 in range(0, R, per_batch):
                 x = torch.from_numpy(np.ascontiguousarray(rows[r0:r0 + per_batch])).to(self.device)
-                out = (nll[r0:r0 + per_batch], correct[r0:r0 + per_batch])
+                out = (nll[r0:r0 + per_batch], correct[r0:r0 + per_batch], r0, R)
                 if self.measure_memory and self.memory_peak is None:
                     _, self.memory_peak, self.memory_method = peak_memory(lambda: self._batch(x, last, *out),
                                                                           self.device)
@@ -118,9 +122,11 @@ class Scorer:
                               "overflow (check its numerics, or evaluate in fp32)")
         return nll, correct
 
-    def _batch(self, x: torch.Tensor, last: int, nll: np.ndarray, correct: np.ndarray) -> None:
+    def _batch(self, x: torch.Tensor, last: int, nll: np.ndarray, correct: np.ndarray, r0: int = 0,
+               rows: int = 0) -> None:
         """Score one batch of rows ``x`` ``[B, T + 1]`` into ``nll`` and ``correct`` ``[B, last]``:
-        a stateful model chunk by chunk with its state carried, any other in one pass."""
+        a stateful model chunk by chunk with its state carried, any other in one pass. Rows
+        ``r0 .. r0 + B`` of ``rows`` in all."""
         B, T = x.shape[0], x.shape[1] - 1
         autocast = self.autocast or contextlib.nullcontext
         state, pos, vocab = None, 0, None
@@ -137,16 +143,20 @@ class Scorer:
             logits = out.logits[:, -(end - pos):]
             vocab = logits.shape[-1]
             lo = max(pos, T - last)  # first column of this chunk that is scored
+            c0, c1 = lo - (T - last), end - (T - last)
             if lo < end:
                 lg = logits[:, lo - pos:].float()
                 target = x[:, lo + 1:end + 1]
                 logp = F.log_softmax(lg, dim=-1)
-                c0, c1 = lo - (T - last), end - (T - last)
                 nll[:, c0:c1] = (-logp.gather(-1, target[..., None])[..., 0]).double().cpu().numpy()
                 correct[:, c0:c1] = (lg.argmax(-1) == target).cpu().numpy()
             for k, v in out.stats.items():
                 v = v.detach().float()
                 self.stat_sums[k] = self.stat_sums.get(k, 0.0) + float(v.sum()) * (1 if v.dim() else B * (end - pos))
+                if self.keep_token_stats and lo < end:
+                    arr = self.token_stats.setdefault(k, np.zeros((rows, last), dtype=np.float64))
+                    per_token = v.expand(B, end - pos) if v.dim() else v.new_full((B, end - pos), float(v))
+                    arr[r0:r0 + B, c0:c1] = per_token[:, lo - pos:].double().cpu().numpy()
             self.stat_count += B * (end - pos)
             state = out.state if self.arch.stateful else None
             pos = end
@@ -272,7 +282,7 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
     out: dict[str, ModeEval] = {}
     for i, mode in enumerate(modes):
         scorer = Scorer(model, arch, device=device, batch_tokens=suite.eval.batch_size * L, autocast=autocast,
-                        chunk=chunk, measure_memory=measure_memory and i == 0)
+                        chunk=chunk, measure_memory=measure_memory and i == 0, keep_token_stats=mode == "full")
         t0 = time.perf_counter()
         if mode == "full":
             score = lambda: score_full(scorer, seqs, ann)  # noqa: E731
@@ -302,6 +312,8 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
                           f"{L} tokens of each evaluation sequence; recorded as missing", stacklevel=2)
             info["missing_lengths"] = missing
         values, series, skipped = {}, {}, {}
+        if scorer.token_stats and scores.nll is not None and scorer.token_stats[next(iter(scorer.token_stats))].shape == scores.nll.shape:
+            stats_by_position(scorer.token_stats, mctx, values, series)
         for m in metrics:
             metric = m.obj
             if mode not in metric.modes:
@@ -316,6 +328,30 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
         if on_stage:
             on_stage(mode)
     return out
+
+
+def stats_by_position(token_stats: dict[str, np.ndarray], mctx: MetricContext, values: dict, series: dict) -> None:
+    """For each per-token statistic a model reports (``Output.stats``): its mean over the
+    bucket ending at each position k x W (``stat.<name>@kW``), over all tokens
+    (``stat.<name>``), and by position bucket (``stat.<name>_by_position``), each with a
+    bootstrap interval over sequences."""
+    from lengen.api import Series
+    from lengen.stats import bootstrap_mean
+
+    boot = {"samples": mctx.bootstrap, "confidence": mctx.confidence}
+    for name, arr in token_stats.items():
+        N, L = arr.shape
+        for i, k in enumerate(mctx.positions):
+            c = bucket_columns(k, mctx, L)
+            values[f"stat.{name}@{mctx.label(k)}"] = bootstrap_mean(arr[:, c].sum(1), np.full(N, c.stop - c.start),
+                                                                    seed=mctx.seed + 900 + i, **boot)
+        values[f"stat.{name}"] = bootstrap_mean(arr.sum(1), np.full(N, L), seed=mctx.seed + 899, **boot)
+        xs, vals = [], []
+        for j, end in enumerate(range(mctx.bucket, L + 1, mctx.bucket)):
+            xs.append(end / mctx.window)
+            vals.append(bootstrap_mean(arr[:, end - mctx.bucket:end].sum(1), np.full(N, mctx.bucket),
+                                       seed=mctx.seed + 2000 + j, **boot))
+        series[f"stat.{name}_by_position"] = Series(xs, vals)
 
 
 def add_baseline_ratios(evals: dict[str, ModeEval], baseline: str, mctx: MetricContext) -> None:

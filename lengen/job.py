@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lengen import events
-from lengen.api import BuildContext, MetricContext, jsonable
+from lengen.api import Architecture, BuildContext, MetricContext, jsonable
 from lengen.errors import ConfigError
 from lengen.evaluate import ModeEval, add_baseline_ratios, evaluate_model, position_sums
 from lengen.plan import Component, Plan, early_stopping_direction
@@ -41,6 +41,7 @@ class RunContext:
     dataset_record: dict
     prov: dict
     heartbeat: Any = None  # lengen.runner.Heartbeat
+    calibration: np.ndarray | None = None  # training-split sequences for Architecture.calibrate
 
     @property
     def suite(self) -> Suite:
@@ -110,8 +111,9 @@ class EarlyStopper:
         return self.bad >= self.spec.patience
 
 
-def run_job(ctx: RunContext, comp: Component, seed: int) -> Path:
-    """Train, evaluate and record one (architecture, seed); returns the record's path."""
+def run_job(ctx: RunContext, comp: Component, seed: int) -> list[Path]:
+    """Train one (architecture, seed), then evaluate and record the trained weights once per
+    variant (:meth:`lengen.api.Architecture.variants`; one without); returns the records' paths."""
     import torch
     from accelerate.utils import set_seed
 
@@ -128,7 +130,9 @@ def run_job(ctx: RunContext, comp: Component, seed: int) -> Path:
     modes = suite.eval.modes
     ck = Checkpoints(ctx, comp, seed)
     beat = ctx.heartbeat.beat if ctx.heartbeat is not None else (lambda **kw: None)
-    stages = len(modes) + (1 if suite.eval.contexts and "full" in modes else 0)
+    variants = variant_configs(comp)
+    stages = len(variants) * (len(modes) + (1 if suite.eval.contexts and "full" in modes else 0))
+    paths: list[Path] = []
     with make_progress(ctx.console) as progress:
         task = progress.add_task(f"train {label}", total=suite.train.steps, info="")
         ck_task = progress.add_task(f"ckpts {label}", total=len(ck.steps), info="") if ck.steps else None
@@ -148,45 +152,98 @@ def run_job(ctx: RunContext, comp: Component, seed: int) -> Path:
                        doc_starts=ctx.corpus.train.doc_starts, on_step=on_step,
                        on_checkpoint=on_checkpoint if ck.steps else None)
         model = ctx.accelerator.unwrap_model(model)
+        trained_s = time.perf_counter() - started
         etask = progress.add_task(f"eval  {label}", total=stages, info=", ".join(modes))
 
         def on_stage(mode):
             progress.update(etask, advance=1)
             beat(phase=f"evaluated {mode} mode")
 
-        beat(phase="evaluating")
-        evals = evaluate_model(model, arch, suite, ctx.seqs, ctx.ann, modes=modes, metrics=ctx.plan.metrics,
-                               mctx=ctx.mctx, device=ctx.accelerator.device, autocast=ctx.accelerator.autocast,
-                               on_stage=on_stage, measure_memory=True)
+        for name, config in variants.items():
+            t0 = time.perf_counter()
+            beat(phase=f"evaluating {name}")
+            vmodel = model if config is comp.config else _with_weights(arch, config, model, ctx)
+            calibration = None
+            if ctx.calibration is not None and type(arch).calibrate is not Architecture.calibrate:
+                calibration = arch.calibrate(vmodel, config, ctx.calibration, ctx.accelerator.device)
+            evals = evaluate_model(vmodel, arch, suite, ctx.seqs, ctx.ann, modes=modes, metrics=ctx.plan.metrics,
+                                   mctx=ctx.mctx, device=ctx.accelerator.device, autocast=ctx.accelerator.autocast,
+                                   on_stage=on_stage, measure_memory=True)
+            if suite.eval.baseline:
+                add_baseline_ratios(evals, suite.eval.baseline, ctx.mctx)
+            if result.steps not in ck.steps:  # observers hear of the final model too
+                ctx.host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
+                    ctx.run_dir, suite.name, name, seed, result.steps, jsonable(evals[modes[0]].metrics), vmodel))
+            cost = job_cost(ctx, arch, config, vmodel, params, result, evals)
+            record = build_record(ctx, comp, seed, label=name, config=config, params=params, result=result,
+                                  evals=evals, checkpoints=ck.entries, checkpoint_steps=ck.steps, cost=cost,
+                                  calibration=calibration, wall_s=trained_s + time.perf_counter() - t0)
+            paths.append(write_record(record_dir(ctx.run_dir, name, seed), record, vmodel, evals, ctx.mctx, ck.sums,
+                                      weights=paths[0].parent / "model.safetensors" if paths else None))
         progress.update(etask, completed=stages)
-    if suite.eval.baseline:
-        add_baseline_ratios(evals, suite.eval.baseline, ctx.mctx)
-    if result.steps not in ck.steps:  # observers hear of the final model too
-        ctx.host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
-            ctx.run_dir, suite.name, comp.name, seed, result.steps, jsonable(evals[modes[0]].metrics), model))
-    cost = job_cost(ctx, comp, model, params, result, evals)
-    record = build_record(ctx, comp, seed, params=params, result=result, evals=evals, checkpoints=ck.entries,
-                          checkpoint_steps=ck.steps, cost=cost, wall_s=time.perf_counter() - started)
-    path = write_record(record_dir(ctx.run_dir, comp.name, seed), record, model, evals, ctx.mctx, ck.sums)
     ctx.accelerator.free_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return path
+    return paths
 
 
-def job_cost(ctx: RunContext, comp: Component, model, params: int, result, evals: dict[str, ModeEval]) -> dict:
-    """FLOPs per token at L = W, the evaluation's measured peak memory, throughputs."""
+def variant_configs(comp: Component) -> dict:
+    """``{record label: config}``: the architecture's own name and config, or one
+    ``<name>.<variant>`` per variant it declares (each config validated)."""
+    from pydantic import ValidationError
+
+    declared = comp.obj.variants(comp.config)
+    if not declared:
+        return {comp.name: comp.config}
+    out = {}
+    for vname, changes in declared.items():
+        try:
+            out[f"{comp.name}.{vname}"] = type(comp.config)(**{**comp.config.model_dump(), **changes})
+        except ValidationError as exc:
+            raise ConfigError(f"architecture {comp.name!r}: variant {vname!r} sets an invalid config: "
+                              f"{exc.errors()[0]['msg']}") from None
+    return out
+
+
+def _with_weights(arch, config, trained, ctx: RunContext):
+    """A model built with ``config`` holding the trained weights (a variant)."""
+    model = arch.build(config, BuildContext(vocab_size=ctx.corpus.vocab_size, window=ctx.suite.window))
+    model.load_state_dict(trained.state_dict())
+    return model.to(ctx.accelerator.device)
+
+
+def job_cost(ctx: RunContext, arch, config, model, params: int, result, evals: dict[str, ModeEval]) -> dict:
+    """FLOPs per token at W and at each reported position's length, the evaluation's measured
+    peak memory, throughputs."""
     from lengen import measure
 
     W = ctx.suite.window
-    flops = comp.obj.flops_per_token(model, comp.config, W)
-    flops_method = "analytic" if flops is not None else "flop_counter"
-    if flops is None:
-        flops = measure.flops_per_token(model, comp.obj, W, ctx.corpus.vocab_size, ctx.accelerator.device)
+    chunk = ctx.suite.eval.chunk or W
+    by_length = []
+    method = "analytic"
+    for k in ctx.suite.eval.positions:
+        L = max(1, int(round(k * W)))
+        flops = arch.flops_per_token(model, config, L)
+        if flops is None:
+            method = "flop_counter"
+            flops = measure.flops_per_token(model, arch, L, ctx.corpus.vocab_size, ctx.accelerator.device,
+                                            chunk=chunk if arch.stateful else None)
+        parts = dict(flops) if isinstance(flops, dict) else {}
+        by_length.append({"multiple": k, "length": L, "per_token": float(sum(parts.values()) if parts else flops),
+                          **({"parts": parts} if parts else {})})
+    at_w = next((f["per_token"] for f in by_length if f["length"] == W), None)
+    if at_w is None:
+        f = arch.flops_per_token(model, config, W)
+        at_w = (float(sum(f.values())) if isinstance(f, dict) else f) if f is not None else \
+            measure.flops_per_token(model, arch, W, ctx.corpus.vocab_size, ctx.accelerator.device)
     first = next(iter(evals.values())).info
-    chunk = f", stateful models in chunks of {first['chunk']}" if first.get("chunk") else ""
-    return {"params": params, "flops_per_token": flops, "flops_method": flops_method, "flops_length": W,
+    chunked = f", stateful models in chunks of {first['chunk']}" if first.get("chunk") else ""
+    return {"params": params, "flops_per_token": at_w, "flops_method": method, "flops_length": W,
+            "flops_convention": "forward matrix-multiply FLOPs (2 per multiply-add) per predicted token, the "
+                                "sequence fed as evaluation feeds it",
+            "flops_by_length": by_length,
             "peak_eval_memory_bytes": first.get("peak_memory_bytes"), "memory_method": first.get("memory_method"),
             "memory_setting": f"{first['mode']}-mode evaluation: batches of {first['batch_sequences']} sequences of "
-                              f"{first['length']} tokens{chunk}",
-            "train_tokens_per_s": result.tokens_per_s, "eval_tokens_per_s": first.get("tokens_per_s")}
+                              f"{first['length']} tokens{chunked}",
+            "train_tokens_per_s": result.tokens_per_s, "eval_tokens_per_s": first.get("tokens_per_s"),
+            "eval_us_per_token": 1e6 / first["tokens_per_s"] if first.get("tokens_per_s") else None}

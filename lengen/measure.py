@@ -45,16 +45,26 @@ def _register_cpu_sdpa_flops() -> None:
         pass
 
 
-def flops_per_token(model: torch.nn.Module, arch, length: int, vocab_size: int, device="cpu") -> float:
-    """Forward FLOPs per token of one sequence of ``length`` tokens, fed as evaluation feeds it."""
+def flops_per_token(model: torch.nn.Module, arch, length: int, vocab_size: int, device="cpu",
+                    chunk: int | None = None) -> float:
+    """Forward FLOPs per token of one sequence of ``length`` tokens, fed as evaluation feeds it
+    (a stateful model in chunks of ``chunk`` with its state carried)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from lengen.api import as_output
 
     _register_cpu_sdpa_flops()
     x = torch.randint(0, vocab_size, (1, length), device=device)
     model.eval()
     grad = torch.enable_grad() if arch.grad_in_eval else torch.no_grad()
+    step = chunk or length
     with grad, FlopCounterMode(display=False) as counter:
-        model(x, None) if arch.stateful else model(x)
+        if arch.stateful:
+            state = None
+            for a in range(0, length, step):
+                state = as_output(model(x[:, a:a + step], state)).state
+        else:
+            model(x)
     return counter.get_total_flops() / length
 
 

@@ -9,6 +9,7 @@ scores first and ``record.json`` last: a record that exists is complete.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -19,9 +20,12 @@ from lengen.evaluate import position_sums
 from lengen.results import RECORD, SCHEMA, atomic_save, atomic_write_json
 
 
-def build_record(ctx, comp, seed: int, *, params: int, result, evals: dict, checkpoints: list[dict],
-                 checkpoint_steps: list[int], cost: dict, wall_s: float) -> dict:
-    """The record of one finished job (``ctx`` is the run's :class:`lengen.runner.RunContext`)."""
+def build_record(ctx, comp, seed: int, *, label: str, config, params: int, result, evals: dict,
+                 checkpoints: list[dict], checkpoint_steps: list[int], cost: dict, calibration: dict | None,
+                 wall_s: float) -> dict:
+    """The record of one finished job, or of one variant of it (``label``: the architecture's
+    name, or ``<name>.<variant>`` with the variant's ``config``); ``ctx`` is the run's
+    :class:`lengen.job.RunContext`."""
     suite, plan, mctx = ctx.suite, ctx.plan, ctx.mctx
     modes = list(evals)
     return {
@@ -29,15 +33,17 @@ def build_record(ctx, comp, seed: int, *, params: int, result, evals: dict, chec
         "run_id": ctx.run_dir.name,
         "created": time.time(),
         "benchmark": suite.name,
-        "arch": comp.name,
+        "arch": label,
         "seed": seed,
         "evaluations": {m: {"metrics": jsonable(e.metrics), "series": jsonable(e.series),
                             "metrics_skipped": e.skipped, "eval": jsonable(e.info)} for m, e in evals.items()},
         "checkpoints": checkpoints,
         "train": result.as_dict(),
         "cost": cost,
+        "calibration": calibration,
         "model": {
-            "params": params, "config": comp.config.model_dump(mode="json"), "config_hash": comp.config.hash(),
+            "name": comp.name, "variant": label.removeprefix(comp.name).removeprefix(".") or None,
+            "params": params, "config": config.model_dump(mode="json"), "config_hash": config.hash(),
             "arch_version": comp.obj.version, "plugin": comp.entry.plugin, "distribution": comp.entry.distribution,
             "version": comp.entry.version, "stateful": comp.obj.stateful,
             "train_state_passing": comp.obj.train_state_passing,
@@ -62,11 +68,16 @@ def build_record(ctx, comp, seed: int, *, params: int, result, evals: dict, chec
     }
 
 
-def write_record(rec_dir: Path, record: dict, model, evals: dict, mctx, checkpoint_sums: list[np.ndarray]) -> Path:
-    """Weights, per-token scores, checkpoint sums, then ``record.json``; returns its path."""
+def write_record(rec_dir: Path, record: dict, model, evals: dict, mctx, checkpoint_sums: list[np.ndarray],
+                 weights: Path | None = None) -> Path:
+    """Weights (unless ``weights`` names a file that already holds them: the variants of one
+    training share it), per-token scores, checkpoint sums, then ``record.json``; returns its path."""
     from safetensors.torch import save_model
 
-    atomic_save(rec_dir / "model.safetensors", lambda p: save_model(model, str(p)))
+    if weights is None:
+        weights = rec_dir / "model.safetensors"
+        atomic_save(weights, lambda p: save_model(model, str(p)))
+    record["weights"] = os.path.relpath(weights, rec_dir)
     for m, e in evals.items():
         if e.scores.nll is not None:
             atomic_save(rec_dir / f"scores-{m}.npz",

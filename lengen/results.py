@@ -40,6 +40,8 @@ CORE_OUTPUTS = (
     OutputSpec("ratio_*@*W", leaderboard=True, table="last", header="{stem}/this@{x}", digits=3,
                note="ratio_<mode>@kW: that mode's perplexity over this row's on the same tokens (above 1: this "
                     "mode predicts better)."),
+    OutputSpec("stat.*@*W", leaderboard=True),  # a model's per-token statistics (Output.stats) at k x W
+    OutputSpec("stat.*", leaderboard=True),  # ... and over all tokens (series stay in the record)
 )
 #: a running run whose heartbeat is older than this (seconds) and whose process cannot be
 #: checked (another host) is shown as terminated

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lengen import events
-from lengen.api import MetricContext
+from lengen.api import Architecture, MetricContext
 from lengen.errors import LengenError, Terminated, TrainingDivergedError
 from lengen.plan import Plan, RunRequest, plan_run
 from lengen.plugins import PluginHost
@@ -95,8 +95,8 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
     prov = provenance(accelerator.device, precision)
     run_dir = new_run_dir(req.results_dir, suite.name, [a.name for a in plan.archs])
     heartbeat = Heartbeat(run_dir)
-    jobs = [{"arch": a.name, "seed": s, "status": "pending", "step": None, "error": None, "record": None}
-            for a in plan.archs for s in plan.seeds]
+    jobs = [{"arch": a.name, "seed": s, "status": "pending", "step": None, "error": None, "record": None,
+             "records": []} for a in plan.archs for s in plan.seeds]
     run_info = {
         "run_id": run_dir.name, "status": "running", "benchmark": suite.name,
         "archs": [a.name for a in plan.archs], "seeds": plan.seeds, "started": time.time(),
@@ -121,9 +121,8 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
                 heartbeat.beat(force=True, job=f"{comp.name} seed {seed}", phase="building", step=0,
                                steps=suite.train.steps)
                 try:
-                    path = run_job(ctx, comp, seed)
-                    job.update(status="finished", record=str(path.relative_to(run_dir)),
-                               step=heartbeat.state.get("step"))
+                    paths = [str(p.relative_to(run_dir)) for p in run_job(ctx, comp, seed)]
+                    job.update(status="finished", record=paths[0], records=paths, step=heartbeat.state.get("step"))
                 except TrainingDivergedError as exc:
                     job.update(status="diverged", step=exc.step, error=str(exc))
                     console.print(f"[red]diverged:[/red] {escape(str(exc))}")
@@ -140,7 +139,7 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
                 job["wall_s"] = time.time() - job["started"]
                 save()
         job = None
-        finished = [run_dir / j["record"] for j in jobs if j["status"] == "finished"]
+        finished = [run_dir / r for j in jobs if j["status"] == "finished" for r in j["records"]]
         if req.plot and finished:
             from lengen.plots import write_run_plots
             from lengen.results import read_record
@@ -161,12 +160,13 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        records = [r for j in jobs for r in j.get("records", [])]
         run_info.update(status=status, finished=time.time(), wall_s=time.time() - run_info["started"],
-                        records=[j["record"] for j in jobs if j["record"]], error=error)
+                        records=records, error=error)
         save()
         heartbeat.stop()
         host.notify("lengen_run_end", events.RunEnd(run_dir, suite.name, status,
-                                                    tuple(run_dir / j["record"] for j in jobs if j["record"]), error))
+                                                    tuple(run_dir / r for r in records), error))
     return RunOutcome(run_dir, status, jobs)
 
 
@@ -199,8 +199,34 @@ def _prepare(host, plan: Plan, console, accelerator, run_dir, run_info, prov):
                          bootstrap=suite.eval.bootstrap, confidence=suite.eval.confidence, info=corpus.info,
                          lengths=tuple(suite.eval.tokens(suite.eval.lengths, W)),
                          contexts=tuple(suite.eval.tokens(suite.eval.contexts, W)))
+    calibration = None
+    if any(type(a.obj).calibrate is not Architecture.calibrate for a in plan.archs):
+        calibration = calibration_sequences(corpus.train, suite)
     return RunContext(host=host, plan=plan, corpus=corpus, seqs=seqs, ann=ann, mctx=mctx, accelerator=accelerator,
-                      console=console, run_dir=run_dir, run_info=run_info, dataset_record=dataset_record, prov=prov)
+                      console=console, run_dir=run_dir, run_info=run_info, dataset_record=dataset_record, prov=prov,
+                      calibration=calibration)
+
+
+def calibration_sequences(train, suite) -> np.ndarray:
+    """``eval.calibration`` sequences of the evaluation length cut from the end of the training
+    split (documents long enough, else packed slices): data the evaluation never sees."""
+    import warnings
+
+    from lengen.api import Split
+    from lengen.evaluate import eval_sequences
+
+    L, n = suite.eval_tokens, suite.eval.calibration
+    tail = max(0, len(train) - 4 * n * (L + 1))  # enough tail for n sequences, whatever the documents
+    starts = np.asarray(train.doc_starts)
+    starts = starts[starts >= tail] - tail
+    split = Split(np.asarray(train.tokens)[tail:], starts if len(starts) and starts[0] == 0 else np.r_[0, starts])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            seqs, _ = eval_sequences(split, L, n, policy="documents", source="calibration")
+        except LengenError:
+            seqs, _ = eval_sequences(split, L, n, policy="packed", source="calibration")
+    return seqs
 
 
 def run(host: PluginHost, req: RunRequest, console=None) -> RunOutcome:

@@ -75,6 +75,8 @@ class EvalSpec(StrictConfig):
                                                        "with its state carried (equal to one pass; bounds memory); "
                                                        "default: W")
     bucket: int = Field(16, gt=0, description="tokens in each position bucket, ending at k x W")
+    calibration: int = Field(16, ge=1, description="sequences of the training split given to architectures that "
+                                                   "calibrate before evaluation (Architecture.calibrate)")
     doc_policy: Literal["documents", "packed"] = Field(
         "documents", description="evaluation sequences: the start of each long-enough document, or slices of "
                                  "the packed stream")

@@ -88,6 +88,41 @@ class TwoSpeedLM(Architecture):
                 ParamGroup(list(model.out.parameters()), name="slow", lr_scale=0.25, update_every=4)]
 
 
+class SharpConfig(TinyConfig):
+    sharpness: float = Field(1.0, gt=0, description="logits are multiplied by this at evaluation only")
+    sharpnesses: list[float] = Field([], description="evaluate the trained weights at each of these")
+
+
+class _Sharp(_Bigram):
+    def __init__(self, vocab: int, d: int, sharpness: float):
+        super().__init__(vocab, d)
+        self.sharpness, self.offset = sharpness, 0.0
+
+    def forward(self, input_ids, state=None):
+        logits, _ = super().forward(input_ids)
+        if not self.training:
+            logits = logits * self.sharpness + self.offset
+        return Output(logits, None, stats={"sharpness": torch.full(input_ids.shape, self.sharpness)})
+
+
+class SharpLM(Architecture):
+    """Fake: a bigram model evaluated at several logit sharpnesses (variants of one training,
+    each calibrated on training-split sequences)."""
+
+    Config = SharpConfig
+
+    def build(self, config, ctx: BuildContext):
+        return _Sharp(ctx.vocab_size, config.d_model, config.sharpness)
+
+    def variants(self, config):
+        return {f"x{s:g}": {"sharpness": s} for s in config.sharpnesses} or None
+
+    def calibrate(self, model, config, sequences, device):
+        model.offset = 0.0  # something evaluation needs, set from data it never sees
+        return {"sequences": int(sequences.shape[0]), "length": int(sequences.shape[1]),
+                "mean_token": float(sequences.mean())}
+
+
 class _NaN(_Bigram):
     def forward(self, input_ids, state=None):
         logits, _ = super().forward(input_ids)

@@ -332,3 +332,35 @@ def test_full_mode_streams_stateful_models_in_chunks_of_eval_chunk():
         assert ev.info["peak_memory_bytes"] > 0 and ev.info["memory_method"] == "live_tensors"
         one = score_full(Scorer(model, arch, chunk=10 ** 6), seqs, {})
         np.testing.assert_allclose(ev.scores.nll, one.nll, rtol=1e-5, atol=1e-6)  # equal to one pass
+
+
+def test_variants_evaluate_one_training_under_several_configs_with_calibration(tmp_path):
+    """One training, one record per variant (own leaderboard row, shared weights), calibrated
+    on training-split sequences; per-token stats by position; FLOPs at each reported length."""
+    from lengen import hookimpl
+    from lengen.plugins import PluginHost
+
+    class Plug:
+        @hookimpl
+        def lengen_register_architectures(self, registry):
+            registry.add("sharp", "lengen.testing:SharpLM", defaults={"sharpnesses": [1.0, 2.0]})
+
+    res = CliRunner().invoke(make_cli(PluginHost(plugins=[("sharpplug", Plug())])), RUN[:1] + [
+        "--arch", "sharp", "--results", str(tmp_path), "--no-plot", *RUN[3:], "--set", "eval.calibration=3"])
+    assert res.exit_code == 0, res.output
+    recs = {r["arch"]: r for r in records(tmp_path)}
+    assert set(recs) == {"sharp.x1", "sharp.x2"}
+    a, b = recs["sharp.x1"], recs["sharp.x2"]
+    assert a["model"]["name"] == "sharp" and (a["model"]["variant"], b["model"]["variant"]) == ("x1", "x2")
+    assert a["model"]["config"]["sharpness"] == 1.0 and b["model"]["config"]["sharpness"] == 2.0
+    assert a["calibration"] == {**a["calibration"], "sequences": 3, "length": 64 * 20 + 1}
+    assert a["weights"] == "model.safetensors" and b["weights"] == "../../sharp.x1/seed0/model.safetensors"
+    assert not list(tmp_path.glob("*/sharp.x2/seed0/model.safetensors"))
+    ma, mb = a["evaluations"]["full"]["metrics"], b["evaluations"]["full"]["metrics"]
+    assert ma["ppl@1W"]["value"] != mb["ppl@1W"]["value"]  # the same weights, evaluated differently
+    assert ma["stat.sharpness@1W"]["value"] == 1.0 and mb["stat.sharpness@20W"]["value"] == 2.0
+    assert len(a["evaluations"]["full"]["series"]["stat.sharpness_by_position"]["x"]) == 1280 // 16
+    assert [f["multiple"] for f in a["cost"]["flops_by_length"]] == [1, 2, 5, 10, 20]
+    assert all(f["per_token"] > 0 for f in a["cost"]["flops_by_length"])
+    rows = json.loads(invoke(["leaderboard", "--results", str(tmp_path), "--format", "json"]).output)
+    assert [(r["arch"], r["stat.sharpness"]["value"]) for r in rows] == [("sharp.x1", 1.0), ("sharp.x2", 2.0)]
