@@ -267,6 +267,7 @@ class ModeEval:
     series: dict
     skipped: dict
     info: dict
+    token_stats: dict = field(default_factory=dict)  # per-token Output.stats [sequences, L] (full mode)
 
 
 def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: MetricContext, device, autocast,
@@ -324,7 +325,7 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
                 continue
             for key, val in metric.compute(scores, m.config, mctx).items():
                 (series if hasattr(val, "x") else values)[key] = val
-        out[mode] = ModeEval(scores, values, series, skipped, info)
+        out[mode] = ModeEval(scores, values, series, skipped, info, scorer.token_stats)
         if on_stage:
             on_stage(mode)
     return out

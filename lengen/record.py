@@ -80,9 +80,10 @@ def write_record(rec_dir: Path, record: dict, model, evals: dict, mctx, checkpoi
     record["weights"] = os.path.relpath(weights, rec_dir)
     for m, e in evals.items():
         if e.scores.nll is not None:
+            stats = {f"stat_{k}": v.astype(np.float32) for k, v in e.token_stats.items()}
             atomic_save(rec_dir / f"scores-{m}.npz",
-                        lambda p, sc=e.scores: save_npz(p, nll=sc.nll.astype(np.float32), correct=sc.correct,
-                                                        position_sums=position_sums(sc, mctx)))
+                        lambda p, sc=e.scores, st=stats: save_npz(p, nll=sc.nll.astype(np.float32), correct=sc.correct,
+                                                                  position_sums=position_sums(sc, mctx), **st))
     if checkpoint_sums:
         atomic_save(rec_dir / "checkpoints.npz", lambda p: save_npz(
             p, steps=np.asarray([c["step"] for c in record["checkpoints"]]),

@@ -360,6 +360,8 @@ def test_variants_evaluate_one_training_under_several_configs_with_calibration(t
     assert ma["ppl@1W"]["value"] != mb["ppl@1W"]["value"]  # the same weights, evaluated differently
     assert ma["stat.sharpness@1W"]["value"] == 1.0 and mb["stat.sharpness@20W"]["value"] == 2.0
     assert len(a["evaluations"]["full"]["series"]["stat.sharpness_by_position"]["x"]) == 1280 // 16
+    scores = np.load(next(tmp_path.glob("*/sharp.x2/seed0/scores-full.npz")))
+    assert scores["stat_sharpness"].shape == scores["nll"].shape and (scores["stat_sharpness"] == 2.0).all()
     assert [f["multiple"] for f in a["cost"]["flops_by_length"]] == [1, 2, 5, 10, 20]
     assert all(f["per_token"] > 0 for f in a["cost"]["flops_by_length"])
     rows = json.loads(invoke(["leaderboard", "--results", str(tmp_path), "--format", "json"]).output)
