@@ -8,7 +8,6 @@ reach through the click context. Options several commands share are defined once
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -33,12 +32,12 @@ class LengenGroup(click.Group):
         except LengenError as exc:
             click.secho(f"Error: {exc}", fg="red", err=True)
             ctx.exit(exc.exit_code)
-        except Terminated:
-            click.secho("Terminated (SIGTERM): records already written are kept.", fg="yellow", err=True)
-            ctx.exit(143)
-        except KeyboardInterrupt:
-            click.secho("Interrupted: records already written are kept.", fg="yellow", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            what = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
+            run_dir = getattr(exc, "run_dir", None)
+            more = f"; continue with: lengen run --resume {run_dir}" if run_dir else ""
+            click.secho(f"{what}: records already written are kept{more}.", fg="yellow", err=True)
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
 
 
 def host() -> PluginHost:
@@ -59,8 +58,11 @@ def _show_warnings():
     warnings.showwarning = show
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _is_main() -> bool:
+    """Whether this is the main process of a multi-process run (or the only one)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,12 +111,21 @@ def json_option(f):
 @click.option("--checkpoints", type=int, help="Evaluate N checkpoints spread over training (evolution plot).")
 @click.option("--no-plot", is_flag=True, help="Do not write plots.")
 @click.option("--no-check", is_flag=True, help="Skip the causality check of architectures not seen passing before.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
+              help="Continue an interrupted run (its folder): finished jobs are kept, the others continue from their "
+                   "latest checkpoint. The run's own options apply (--device may change).")
 def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, results_dir, data_dir, cache_dir,
-        device, modes, checkpoints, no_plot, no_check):
-    """Train and evaluate architectures on a benchmark suite."""
-    from lengen import allocator
+        device, modes, checkpoints, no_plot, no_check, resume_dir):
+    """Train and evaluate architectures on a benchmark suite.
+
+    \b
+    Several processes (data parallel, through accelerate):
+      torchrun --nproc_per_node 4 -m lengen.cli run ...
+      accelerate launch --multi_gpu --num_processes 4 -m lengen.cli run ...
+    """
+    from lengen import allocator, interrupt
     from lengen.plan import RunRequest
-    from lengen.runner import run as run_suite
+    from lengen.runner import resume as resume_run, run as run_suite
 
     h = host()
     h.warn_errors()
@@ -131,11 +142,13 @@ def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, resu
                      results_dir=results_dir, cache_dir=cache_dir, data_dir=data_dir,
                      benchmarks_file=benchmarks_file, device=device, plot=not no_plot, check=not no_check)
     allocator.tune()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        outcome = run_suite(h, req, _stderr_console())
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interrupt.installed():
+        if resume_dir is not None:
+            outcome = resume_run(h, resume_dir, _stderr_console(), device=None if device == "auto" else device)
+        else:
+            outcome = run_suite(h, req, _stderr_console())
+    if not _is_main():
+        return
     from rich.console import Console
 
     from lengen.leaderboard import render, rows_from_records

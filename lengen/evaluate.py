@@ -271,50 +271,73 @@ class ModeEval:
 
 
 def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: MetricContext, device, autocast,
-                   extras: bool = True, on_stage=None, measure_memory: bool = False) -> dict[str, ModeEval]:
+                   extras: bool = True, on_stage=None, measure_memory: bool = False, dist=None) -> dict[str, ModeEval]:
     """Score ``model`` in each of ``modes`` and compute every applicable metric.
 
     ``extras``: also the nonoverlapping lengths and the context curve (not at checkpoints).
-    ``measure_memory``: record the peak memory of the first mode's scoring in its ``info``."""
+    ``measure_memory``: record the peak memory of the first mode's scoring in its ``info``.
+    ``dist`` (:class:`lengen.dist.Dist`): with several processes each scores its block of the
+    sequences and the per-token results are reassembled in sequence order on every rank, so
+    every sequence is scored exactly once and the metrics are those of one process."""
+    from lengen.dist import Dist
+
+    dist = dist or Dist()
     W = suite.window
     L = seqs.shape[1] - 1
     lengths = suite.eval.tokens(suite.eval.lengths, W)
+    contexts = suite.eval.tokens(suite.eval.contexts, W)
     chunk = suite.eval.chunk or W
+    block = dist.block(len(seqs))
+    mine, mine_ann = seqs[block], {k: v[block] for k, v in ann.items()}
     out: dict[str, ModeEval] = {}
     for i, mode in enumerate(modes):
         scorer = Scorer(model, arch, device=device, batch_tokens=suite.eval.batch_size * L, autocast=autocast,
                         chunk=chunk, measure_memory=measure_memory and i == 0, keep_token_stats=mode == "full")
         t0 = time.perf_counter()
-        if mode == "full":
-            score = lambda: score_full(scorer, seqs, ann)  # noqa: E731
-        elif mode == "window":
-            score = lambda: score_window(scorer, seqs, ann, window=W, stride=suite.eval.stride)  # noqa: E731
-        else:
-            score = lambda: Scores(None, None, {}, mode="nonoverlapping",  # noqa: E731
-                                   lengths=score_nonoverlapping(scorer, seqs, lengths) if extras else {})
-        scores = score()
+        part: dict[str, Any] = {"lengths": {}, "context": {}}
+        if len(mine):
+            if mode == "full":
+                s = score_full(scorer, mine, mine_ann)
+                part.update(nll=s.nll, correct=s.correct)
+                if extras and contexts:
+                    part["context"] = score_context(scorer, mine, contexts, suite.eval.bucket)
+            elif mode == "window":
+                s = score_window(scorer, mine, mine_ann, window=W, stride=suite.eval.stride)
+                part.update(nll=s.nll, correct=s.correct)
+            elif extras:
+                part["lengths"] = score_nonoverlapping(scorer, mine, lengths)
+        part.update(token_stats=scorer.token_stats, stat_sums=scorer.stat_sums, stat_count=scorer.stat_count,
+                    tokens_processed=scorer.tokens_processed, wall=time.perf_counter() - t0,
+                    peak=scorer.memory_peak, memory_method=scorer.memory_method)
+        parts = dist.gather(part)
+        scores = _assemble(parts, mode, _strip_context(ann))
         if scores.nll is not None:
             scores.lengths = lengths_from_prefix(scores, lengths)
-        wall = time.perf_counter() - t0
+        wall = max(p["wall"] for p in parts)
+        stat_count = sum(p["stat_count"] for p in parts)
+        stat_sums = {k: sum(p["stat_sums"].get(k, 0.0) for p in parts) for k in parts[0]["stat_sums"]}
+        token_stats = {k: np.concatenate([p["token_stats"][k] for p in parts if k in p["token_stats"]])
+                       for k in parts[0]["token_stats"]}
         scored = seqs.shape[0] * L if scores.nll is not None else sum(int(c.sum()) for _, c in scores.lengths.values())
         info = {"mode": mode, "length": L, "sequences": int(seqs.shape[0]), "wall_s": wall,
                 "tokens_per_s": scored / wall if wall > 0 else None,
-                "tokens_processed": scorer.tokens_processed, "stats": scorer.stats(),
-                "batch_sequences": max(1, scorer.batch_tokens // L), "chunk": chunk if arch.stateful else None}
-        if scorer.memory_peak is not None:
-            info.update(peak_memory_bytes=scorer.memory_peak, memory_method=scorer.memory_method)
+                "tokens_processed": sum(p["tokens_processed"] for p in parts),
+                "stats": {k: v / max(1, stat_count) for k, v in stat_sums.items()},
+                "batch_sequences": max(1, scorer.batch_tokens // L), "chunk": chunk if arch.stateful else None,
+                "processes": dist.world}
+        if parts[0]["peak"] is not None:
+            info.update(peak_memory_bytes=max(p["peak"] or 0 for p in parts), memory_method=parts[0]["memory_method"])
         if mode == "window":
             info["stride"] = suite.eval.stride
-        if mode == "full" and extras and suite.eval.contexts:
-            scores.context = score_context(scorer, seqs, suite.eval.tokens(suite.eval.contexts, W), suite.eval.bucket)
         missing = [l for l in lengths if l not in scores.lengths]
         if missing and extras:
-            warnings.warn(f"{mode} mode: lengths {', '.join(f'{l / W:g}W' for l in missing)} need more than the "
-                          f"{L} tokens of each evaluation sequence; recorded as missing", stacklevel=2)
+            if dist.main:
+                warnings.warn(f"{mode} mode: lengths {', '.join(f'{l / W:g}W' for l in missing)} need more than the "
+                              f"{L} tokens of each evaluation sequence; recorded as missing", stacklevel=2)
             info["missing_lengths"] = missing
         values, series, skipped = {}, {}, {}
-        if scorer.token_stats and scores.nll is not None and scorer.token_stats[next(iter(scorer.token_stats))].shape == scores.nll.shape:
-            stats_by_position(scorer.token_stats, mctx, values, series)
+        if token_stats and scores.nll is not None:
+            stats_by_position(token_stats, mctx, values, series)
         for m in metrics:
             metric = m.obj
             if mode not in metric.modes:
@@ -325,10 +348,22 @@ def evaluate_model(model, arch, suite, seqs, ann, *, modes, metrics, mctx: Metri
                 continue
             for key, val in metric.compute(scores, m.config, mctx).items():
                 (series if hasattr(val, "x") else values)[key] = val
-        out[mode] = ModeEval(scores, values, series, skipped, info, scorer.token_stats)
+        out[mode] = ModeEval(scores, values, series, skipped, info, token_stats)
         if on_stage:
             on_stage(mode)
     return out
+
+
+def _assemble(parts: list[dict], mode: str, annotations: dict) -> Scores:
+    """One :class:`Scores` from the ranks' blocks, in sequence order."""
+    have = [p for p in parts if "nll" in p]
+    nll = np.concatenate([p["nll"] for p in have]) if have else None
+    correct = np.concatenate([p["correct"] for p in have]) if have else None
+    lengths = {l: tuple(np.concatenate([p["lengths"][l][i] for p in parts if l in p["lengths"]]) for i in range(2))
+               for l in parts[0]["lengths"]}
+    context = {c: (*(np.concatenate([p["context"][c][i] for p in parts if c in p["context"]]) for i in range(2)),
+                   parts[0]["context"][c][2]) for c in parts[0]["context"]}
+    return Scores(nll, correct, annotations if nll is not None else {}, mode=mode, lengths=lengths, context=context)
 
 
 def stats_by_position(token_stats: dict[str, np.ndarray], mctx: MetricContext, values: dict, series: dict) -> None:

@@ -42,6 +42,12 @@ class RunContext:
     prov: dict
     heartbeat: Any = None  # lengen.runner.Heartbeat
     calibration: np.ndarray | None = None  # training-split sequences for Architecture.calibrate
+    dist: Any = None  # lengen.dist.Dist: this process's rank among the run's processes
+
+    def notify(self, hook: str, event) -> None:
+        """Tell the observers (from the main process only)."""
+        if self.dist is None or self.dist.main:
+            self.host.notify(hook, event)
 
     @property
     def suite(self) -> Suite:
@@ -81,15 +87,26 @@ class Checkpoints:
         ctx = self.ctx
         ev = evaluate_model(model, self.comp.obj, ctx.suite, ctx.seqs, ctx.ann, modes=[self.mode],
                             metrics=ctx.plan.metrics, mctx=ctx.mctx, device=ctx.accelerator.device,
-                            autocast=ctx.accelerator.autocast, extras=False)[self.mode]
+                            autocast=ctx.accelerator.autocast, extras=False, dist=ctx.dist)[self.mode]
         entry = {"step": step, "mode": self.mode,
                  "metrics": jsonable({k: v for k, v in ev.metrics.items() if self._tracked(k)}),
                  "series": jsonable({k: v for k, v in ev.series.items() if self._tracked(k)})}
         self.entries.append(entry)
         self.sums.append(position_sums(ev.scores, ctx.mctx))
-        ctx.host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
+        ctx.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
             ctx.run_dir, ctx.suite.name, self.comp.name, self.seed, step, entry["metrics"], model))
         return self.stopper.update(step, entry["metrics"]) if self.stopper else False
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What a training checkpoint keeps of the evaluations so far."""
+        meta = {"entries": self.entries, "stopper": [self.stopper.best, self.stopper.bad] if self.stopper else None}
+        return meta, ({"checkpoint_sums": np.stack(self.sums)} if self.sums else {})
+
+    def load(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        self.entries = meta["entries"]
+        self.sums = list(arrays["checkpoint_sums"]) if "checkpoint_sums" in arrays else []
+        if self.stopper and meta["stopper"]:
+            self.stopper.best, self.stopper.bad = meta["stopper"]
 
 
 class EarlyStopper:
@@ -147,10 +164,11 @@ def run_job(ctx: RunContext, comp: Component, seed: int) -> list[Path]:
             progress.update(task, completed=step, info=f"loss {info['loss']:.3f}  {info['tokens_per_s']:,.0f} tok/s")
             beat(phase="training", step=step, steps=suite.train.steps, loss=info["loss"])
 
+        save_dir = record_dir(ctx.run_dir, comp.name, seed) / "checkpoints"
         result = train(model, arch, comp.config, ctx.corpus.train.tokens, suite.train, window=W, seed=seed,
                        accelerator=ctx.accelerator, label=label, checkpoint_steps=set(ck.steps),
                        doc_starts=ctx.corpus.train.doc_starts, on_step=on_step,
-                       on_checkpoint=on_checkpoint if ck.steps else None)
+                       on_checkpoint=on_checkpoint if ck.steps else None, save_dir=save_dir, progress=ck)
         model = ctx.accelerator.unwrap_model(model)
         trained_s = time.perf_counter() - started
         etask = progress.add_task(f"eval  {label}", total=stages, info=", ".join(modes))
@@ -168,19 +186,28 @@ def run_job(ctx: RunContext, comp: Component, seed: int) -> list[Path]:
                 calibration = arch.calibrate(vmodel, config, ctx.calibration, ctx.accelerator.device)
             evals = evaluate_model(vmodel, arch, suite, ctx.seqs, ctx.ann, modes=modes, metrics=ctx.plan.metrics,
                                    mctx=ctx.mctx, device=ctx.accelerator.device, autocast=ctx.accelerator.autocast,
-                                   on_stage=on_stage, measure_memory=True)
+                                   on_stage=on_stage, measure_memory=True, dist=ctx.dist)
             if suite.eval.baseline:
                 add_baseline_ratios(evals, suite.eval.baseline, ctx.mctx)
             if result.steps not in ck.steps:  # observers hear of the final model too
-                ctx.host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
+                ctx.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
                     ctx.run_dir, suite.name, name, seed, result.steps, jsonable(evals[modes[0]].metrics), vmodel))
             cost = job_cost(ctx, arch, config, vmodel, params, result, evals)
             record = build_record(ctx, comp, seed, label=name, config=config, params=params, result=result,
                                   evals=evals, checkpoints=ck.entries, checkpoint_steps=ck.steps, cost=cost,
                                   calibration=calibration, wall_s=trained_s + time.perf_counter() - t0)
-            paths.append(write_record(record_dir(ctx.run_dir, name, seed), record, vmodel, evals, ctx.mctx, ck.sums,
-                                      weights=paths[0].parent / "model.safetensors" if paths else None))
+            rec_dir = record_dir(ctx.run_dir, name, seed)
+            if ctx.dist is None or ctx.dist.main:
+                write_record(rec_dir, record, vmodel, evals, ctx.mctx, ck.sums,
+                             weights=paths[0].parent / "model.safetensors" if paths else None)
+            paths.append(rec_dir / "record.json")
         progress.update(etask, completed=stages)
+    if ctx.dist is not None:
+        ctx.dist.barrier()
+    if ctx.dist is None or ctx.dist.main:
+        import shutil
+
+        shutil.rmtree(save_dir, ignore_errors=True)  # the record holds the trained model now
     ctx.accelerator.free_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

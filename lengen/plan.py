@@ -154,6 +154,14 @@ def data_context(suite: Suite, req: RunRequest) -> DataContext:
 
 def plan_run(host: PluginHost, req: RunRequest, *, check_results: bool = True) -> Plan:
     suite, origin = resolve_suite(host, req.benchmark, req.overrides, req.benchmarks_file)
+    return plan_suite(host, req, suite, origin, check_results=check_results)
+
+
+def plan_suite(host: PluginHost, req: RunRequest, suite: Suite, origin: SuiteOrigin | None = None, *,
+               check_results: bool = True) -> Plan:
+    """Load and validate every component of an already resolved ``suite`` (a resumed run
+    plans from the suite it recorded)."""
+    origin = origin or SuiteOrigin("run.json")
     names = list(dict.fromkeys(req.archs or suite.archs))
     if not names:
         raise ConfigError(

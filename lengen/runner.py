@@ -10,6 +10,7 @@ and the other jobs still run; the run's status then says so.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
@@ -55,7 +56,8 @@ class Heartbeat:
     atomically at most every ``BEAT_EVERY`` seconds; the source of truth for whether a run
     recorded as running still is."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
         self.path = Path(run_dir) / HEARTBEAT
         self.base = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "host": host_name()}
         self.state: dict = {}
@@ -64,7 +66,7 @@ class Heartbeat:
     def beat(self, force: bool = False, **state) -> None:
         self.state.update(state)
         now = time.time()
-        if force or now - self.last >= BEAT_EVERY:
+        if self.enabled and (force or now - self.last >= BEAT_EVERY):
             self.last = now
             try:
                 atomic_write_json(self.path, {**self.base, "time": now, **self.state})
@@ -72,51 +74,72 @@ class Heartbeat:
                 pass  # a heartbeat that cannot be written must not stop the run
 
     def stop(self) -> None:
+        if not self.enabled:
+            return
         try:
             self.path.unlink()
         except OSError:
             pass
 
 
-def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunOutcome:
+def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None, resume: Path | None = None) -> RunOutcome:
     """Run every (architecture, seed) job of ``plan``; returns the run folder and each job's
     outcome. Ctrl-C and SIGTERM (raised as :class:`KeyboardInterrupt`) stop it, with the
-    run's status ``interrupted`` and every record already written kept."""
+    run's status ``interrupted`` and every record already written kept. ``resume``: an
+    existing run folder whose unfinished jobs continue (from their checkpoints, if any).
+
+    Under several processes (``torchrun``, ``accelerate launch``) every process runs this;
+    only the main one writes ``run.json``, the heartbeat, records and plots, and prints."""
     from rich.console import Console
     from rich.markup import escape
 
+    from lengen.dist import Dist
     from lengen.job import run_job
     from lengen.provenance import provenance
     from lengen.train import make_accelerator
 
-    console = console or Console(stderr=True)
     suite = plan.suite
-    accelerator, precision = make_accelerator(req.device, suite.train.precision)
-    prov = provenance(accelerator.device, precision)
-    run_dir = new_run_dir(req.results_dir, suite.name, [a.name for a in plan.archs])
-    heartbeat = Heartbeat(run_dir)
-    jobs = [{"arch": a.name, "seed": s, "status": "pending", "step": None, "error": None, "record": None,
-             "records": []} for a in plan.archs for s in plan.seeds]
-    run_info = {
-        "run_id": run_dir.name, "status": "running", "benchmark": suite.name,
-        "archs": [a.name for a in plan.archs], "seeds": plan.seeds, "started": time.time(),
-        **heartbeat.base, "suite": suite.model_dump(mode="json"), "suite_hash": suite.hash(),
-        "provenance": prov, "jobs": jobs,
-    }
-    save = lambda: atomic_write_json(run_dir / RUN, run_info)  # noqa: E731
+    accelerator, precision = make_accelerator(req.device, suite.train.precision,
+                                              find_unused=suite.train.state_passing)
+    dist = Dist.of(accelerator)
+    console = console if console is not None and dist.main else Console(stderr=True, quiet=not dist.main)
+    prov = {**provenance(accelerator.device, precision), "processes": dist.world}
+    if resume is not None:
+        run_dir = Path(resume)
+        run_info = json.loads((run_dir / RUN).read_text())
+        jobs = run_info["jobs"]
+        run_info.setdefault("resumed", []).append({"time": time.time(), "provenance": prov})
+        run_info.update(status="running", error=None)
+    else:
+        run_dir = Path(dist.broadcast(str(new_run_dir(req.results_dir, suite.name, [a.name for a in plan.archs]))
+                                      if dist.main else None))
+        jobs = [{"arch": a.name, "seed": s, "status": "pending", "step": None, "error": None, "record": None,
+                 "records": []} for a in plan.archs for s in plan.seeds]
+        run_info = {
+            "run_id": run_dir.name, "status": "running", "benchmark": suite.name,
+            "archs": [a.name for a in plan.archs], "seeds": plan.seeds, "started": time.time(),
+            "suite": suite.model_dump(mode="json"), "suite_hash": suite.hash(), "request": request_dict(req),
+            "provenance": prov, "jobs": jobs,
+        }
+    heartbeat = Heartbeat(run_dir, enabled=dist.main)
+    run_info.update(heartbeat.base)
+    save = (lambda: atomic_write_json(run_dir / RUN, run_info)) if dist.main else (lambda: None)
+    notify = host.notify if dist.main else (lambda *a: None)
     save()
     heartbeat.beat(force=True, phase="starting")
-    host.notify("lengen_run_start", events.RunStart(run_dir, suite.name, tuple(run_info["archs"]),
-                                                    tuple(plan.seeds), run_info["suite"]))
+    notify("lengen_run_start", events.RunStart(run_dir, suite.name, tuple(run_info["archs"]), tuple(plan.seeds),
+                                               run_info["suite"]))
     status, error = "failed", None
     job = None
     try:
         ctx = _prepare(host, plan, console, accelerator, run_dir, run_info, prov)
-        ctx.heartbeat = heartbeat
+        ctx.heartbeat, ctx.dist = heartbeat, dist
         for comp in plan.archs:
             for seed in plan.seeds:
                 job = next(j for j in jobs if j["arch"] == comp.name and j["seed"] == seed)
-                job.update(status="running", started=time.time())
+                if job["status"] == "finished":
+                    continue  # resumed run: done before
+                job.update(status="running", started=time.time(), error=None)
                 save()
                 heartbeat.beat(force=True, job=f"{comp.name} seed {seed}", phase="building", step=0,
                                steps=suite.train.steps)
@@ -131,16 +154,17 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
                     console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {escape(str(exc))}")
                 except Exception as exc:  # noqa: BLE001 - a plugin's bug fails its job, not the run
                     trace = record_dir(run_dir, comp.name, seed) / "error.txt"
-                    trace.parent.mkdir(parents=True, exist_ok=True)
-                    trace.write_text(traceback.format_exc())
+                    if dist.main:
+                        trace.parent.mkdir(parents=True, exist_ok=True)
+                        trace.write_text(traceback.format_exc())
                     job.update(status="failed", step=heartbeat.state.get("step"),
                                error=f"{type(exc).__name__}: {exc} (traceback in {trace.relative_to(run_dir)})")
                     console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {escape(job['error'])}")
-                job["wall_s"] = time.time() - job["started"]
+                job["wall_s"] = job.get("wall_s", 0.0) + time.time() - job["started"]
                 save()
         job = None
         finished = [run_dir / r for j in jobs if j["status"] == "finished" for r in j["records"]]
-        if req.plot and finished:
+        if req.plot and finished and dist.main:
             from lengen.plots import write_run_plots
             from lengen.results import read_record
 
@@ -148,10 +172,12 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
         states = {j["status"] for j in jobs}
         status = "failed" if "failed" in states else "diverged" if "diverged" in states else "finished"
     except KeyboardInterrupt as exc:
+        exc.run_dir = run_dir  # the command line says how to resume it
         status = "interrupted"
         error = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted by the user (Ctrl-C)"
         if job is not None:
             job.update(status="interrupted", step=heartbeat.state.get("step"), error=error)
+            job["wall_s"] = job.get("wall_s", 0.0) + time.time() - job["started"]
         raise
     except LengenError as exc:
         error = str(exc)
@@ -165,9 +191,45 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
                         records=records, error=error)
         save()
         heartbeat.stop()
-        host.notify("lengen_run_end", events.RunEnd(run_dir, suite.name, status,
-                                                    tuple(run_dir / r for r in records), error))
+        notify("lengen_run_end", events.RunEnd(run_dir, suite.name, status, tuple(run_dir / r for r in records), error))
     return RunOutcome(run_dir, status, jobs)
+
+
+def request_dict(req: RunRequest) -> dict:
+    """What ``lengen run`` was asked (kept in run.json, so that ``--resume`` can ask it again)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in req.__dict__.items()}
+
+
+def resume(host: PluginHost, run_dir: Path, console=None, device: str | None = None) -> RunOutcome:
+    """Continue the unfinished jobs of the run in ``run_dir`` (``lengen run --resume``): the
+    suite as it was resolved then, each job from its latest checkpoint (or from the start)."""
+    from lengen.plan import plan_suite
+    from lengen.results import run_state
+    from lengen.suites import validate_suite
+
+    run_dir = Path(run_dir)
+    try:
+        info = json.loads((run_dir / RUN).read_text())
+    except (OSError, ValueError) as exc:
+        raise LengenError(f"--resume {run_dir}: no readable {RUN} there ({exc}); give a run folder under results/") \
+            from None
+    state, why = run_state(run_dir, info)
+    if state == "running":
+        raise LengenError(f"--resume {run_dir}: the run is still running (process {info.get('pid')} on "
+                          f"{info.get('host')}); stop it first")
+    if "request" not in info:
+        raise LengenError(f"--resume {run_dir}: this run was recorded before runs could be resumed")
+    req = RunRequest(**{k: (Path(v) if k.endswith(("_dir", "_file")) and v is not None else v)
+                        for k, v in info["request"].items() if k in RunRequest.__dataclass_fields__})
+    if device is not None:
+        req.device = device
+    todo = [j for j in info["jobs"] if j["status"] != "finished"]
+    if not todo:
+        raise LengenError(f"--resume {run_dir}: nothing to resume, every job finished")
+    suite = validate_suite(info["benchmark"], {k: v for k, v in info["suite"].items() if k != "name"},
+                           source=f"{run_dir / RUN}")
+    plan = plan_suite(host, req, suite)
+    return execute(host, req, plan, console, resume=run_dir)
 
 
 def _prepare(host, plan: Plan, console, accelerator, run_dir, run_info, prov):

@@ -123,6 +123,15 @@ class SharpLM(Architecture):
                 "mean_token": float(sequences.mean())}
 
 
+class SlowDecayLM(DecayLM):
+    """Fake: the stateful DecayLM (trains with state passing) whose output layer is a slow
+    group (every 4 steps, lr / 4): resume and data-parallel tests cover both at once."""
+
+    def param_groups(self, model, config):
+        return [ParamGroup([model.embed.weight, model.logit_a], name="fast"),
+                ParamGroup(list(model.out.parameters()), name="slow", lr_scale=0.25, update_every=4)]
+
+
 class _NaN(_Bigram):
     def forward(self, input_ids, state=None):
         logits, _ = super().forward(input_ids)

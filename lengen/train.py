@@ -13,6 +13,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -46,10 +47,19 @@ class WindowBatches:
     state across document boundaries; it is reset only when a lane wraps around.
     ``auto`` picks ``reset`` when the documents allow it, else ``packed``; ``policy`` says
     which was used.
+
+    With several processes every rank draws the same global batch of ``rows`` rows and keeps
+    its block of them (``rank``, ``world``): the global batch is the one-process batch, and a
+    lane (a stream) stays on one rank for the whole run, so its carried state stays its own.
+    ``state_dict`` / ``load_state_dict`` save and restore the position in the stream.
     """
 
     def __init__(self, tokens: np.ndarray, window: int, rows: int, seed: int, state_passing: bool,
-                 doc_starts: np.ndarray | None = None, doc_policy: str = "auto"):
+                 doc_starts: np.ndarray | None = None, doc_policy: str = "auto", rank: int = 0, world: int = 1):
+        if rows % world:
+            raise ConfigError(f"train.batch_size = {rows} must be divisible by the number of processes ({world}), "
+                              "so that every process trains on the same number of rows")
+        self.keep = slice(rank * rows // world, (rank + 1) * rows // world)
         n = len(tokens)
         if n < window + 1:
             raise ConfigError(
@@ -102,15 +112,26 @@ class WindowBatches:
             starts = torch.randint(0, len(self.tokens) - W, (self.rows,), generator=self.gen)
             reset = True
         self.step += 1
-        return self.tokens[starts[:, None] + self._span], reset
+        return self.tokens[starts[self.keep, None] + self._span], reset
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.gen.set_state(state["generator"])
 
 
-def make_accelerator(device: str, precision: str):
+def make_accelerator(device: str, precision: str, find_unused: bool = False):
     """An ``accelerate.Accelerator`` for ``--device`` (auto, cpu, cuda) and ``train.precision``
-    (auto: bf16 on a GPU that supports it, else fp32); returns it and the precision used."""
+    (auto: bf16 on a GPU that supports it, else fp32); returns it and the precision used.
+
+    ``find_unused``: under several processes, let DDP find parameters a forward did not use
+    (with state passing, a model's initial state is used only on the steps that reset it)."""
     import warnings
 
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
@@ -123,7 +144,8 @@ def make_accelerator(device: str, precision: str):
         warnings.warn(f"train.precision = {precision} on CPU: training in fp32 instead", stacklevel=2)
         precision = "fp32"
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(cpu=use_cpu, mixed_precision=mixed), precision
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused else []
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed, kwargs_handlers=handlers), precision
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -181,6 +203,8 @@ class TrainResult:
     #: groups whose summed gradient of their last steps was never applied (training ended
     #: between two of their updates): name, update_every, pending_steps
     pending: list[dict] = field(default_factory=list)
+    processes: int = 1  # data-parallel processes that trained it
+    resumed_from: list[int] = field(default_factory=list)  # steps at which training was resumed
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -216,8 +240,11 @@ class Trainer:
 
     def __init__(self, model, arch: Architecture, config: ArchConfig, tokens: np.ndarray, spec: TrainSpec, *,
                  window: int, seed: int, accelerator, doc_starts: np.ndarray | None = None, label: str = ""):
+        from lengen.dist import Dist
+
         self.arch, self.config, self.spec, self.window, self.seed = arch, config, spec, window, seed
         self.accelerator, self.label = accelerator, label
+        self.dist = Dist.of(accelerator)
         self.state_passing = bool(spec.state_passing and arch.train_state_passing)
         self.groups = arch.param_groups(model, config) or default_param_groups(model)
         check_groups(model, self.groups, f"architecture {label.split(' seed')[0] or type(arch).__name__!r}")
@@ -230,7 +257,8 @@ class Trainer:
         prepared = accelerator.prepare(model, *optimizers.values())
         self.model, self.opts = prepared[0], dict(zip(optimizers, prepared[1:]))
         self.batches = [WindowBatches(tokens, window, spec.batch_size, seed * 1000 + i, self.state_passing,
-                                      doc_starts=doc_starts, doc_policy=spec.doc_policy)
+                                      doc_starts=doc_starts, doc_policy=spec.doc_policy, rank=self.dist.rank,
+                                      world=self.dist.world)
                         for i in range(spec.grad_accum)]
         self.states: list[Any] = [None] * spec.grad_accum
         self.tokens_per_step = spec.batch_size * spec.grad_accum * window
@@ -241,28 +269,41 @@ class Trainer:
     def module(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def step(self, measure_norms: bool = False) -> dict:
-        """One optimizer step: the micro-batches' forward and backward, then every optimizer
-        whose period ends here. Returns the step's mean LM loss, auxiliary losses and logs."""
+    def step(self, measure_norms: bool = False, stop: bool = False) -> dict:
+        """One optimizer step: the micro-batches' forward and backward (gradients synchronised
+        across processes once, on the last), then every optimizer whose period ends here.
+        Returns the step's mean LM loss, auxiliary losses and logs, averaged over processes,
+        and ``stop``: whether any process asked to stop after this step."""
+        import contextlib
+
         spec, step = self.spec, self.done
         lm_total, aux, logs = 0.0, {}, {}
         for micro in range(spec.grad_accum):
             batch, reset = self.batches[micro].next()
             batch = batch.to(self.accelerator.device)
             state = None if reset else detach_state(self.states[micro])
-            out = as_output(self.model(batch[:, :-1], state))
-            targets = batch[:, 1:]
-            token_nll = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
-                                        reduction="none").view(targets.shape)
-            lm = token_nll.mean()
-            aux_losses = {**out.aux_losses, **self.arch.training_losses(self.module, out, targets, token_nll)}
-            loss = lm + sum(aux_losses.values()) if aux_losses else lm
-            self.accelerator.backward(loss / spec.grad_accum)
+            last = micro == spec.grad_accum - 1
+            with contextlib.nullcontext() if last or self.dist.world == 1 else self.accelerator.no_sync(self.model):
+                out = as_output(self.model(batch[:, :-1], state))
+                targets = batch[:, 1:]
+                token_nll = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none").view(targets.shape)
+                lm = token_nll.mean()
+                aux_losses = {**out.aux_losses, **self.arch.training_losses(self.module, out, targets, token_nll)}
+                loss = lm + sum(aux_losses.values()) if aux_losses else lm
+                self.accelerator.backward(loss / spec.grad_accum)
             self.states[micro] = out.state if self.state_passing else None
             lm_total += lm.item() / spec.grad_accum
             for target, values in ((aux, aux_losses), (logs, out.logs)):
                 for k, v in values.items():
                     target[k] = target.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / spec.grad_accum
+        if self.dist.world > 1:  # one collective: the losses to log, and whether anyone must stop
+            keys = sorted(aux) + sorted(logs)
+            reduced = self.dist.reduce_mean([lm_total, *[aux.get(k, logs.get(k)) for k in keys], float(stop)])
+            lm_total = reduced[0]
+            for k, v in zip(keys, reduced[1:-1]):
+                (aux if k in aux else logs)[k] = v
+            stop = reduced[-1] > 0
         if not math.isfinite(lm_total) or not all(math.isfinite(v) for v in aux.values()):
             raise TrainingDivergedError(
                 f"{self.label or 'training'}: the loss became {lm_total} at step {step + 1} (seed {self.seed}); "
@@ -283,7 +324,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.done += 1
-        return {"loss": lm_total, "lr": spec.lr * factor, **aux, **logs}
+        return {"loss": lm_total, "lr": spec.lr * factor, **aux, **logs, "stop": stop}
 
     def pending(self) -> list[dict]:
         """Groups holding summed gradients their optimizer has not applied yet."""
@@ -300,7 +341,8 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
           doc_starts: np.ndarray | None = None,
           on_step: Callable[[int, dict], None] | None = None,
           on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
-          checkpoint_steps: set[int] | None = None, log_every: int = 10) -> TrainResult:
+          checkpoint_steps: set[int] | None = None, log_every: int = 10,
+          save_dir: Path | None = None, progress: Any = None) -> TrainResult:
     """Train ``model`` in place for ``spec.steps`` optimizer steps and return what happened.
 
     ``on_step(step, info)`` is called after every optimizer step (progress bars);
@@ -308,41 +350,74 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
     if it returns True after a step, training stops there (early stopping). Every
     ``log_every`` steps the record keeps the loss, lr, auxiliary losses, logged values and
     each group's gradient norm at its latest update (``grad_norm.<group>``).
+
+    ``save_dir``: where training checkpoints go (:mod:`lengen.checkpoint`), every
+    ``train.checkpoint_every`` steps, at the end of training, and when Ctrl-C or SIGTERM
+    arrives (then the signal is raised after the checkpoint). If it already holds one,
+    training continues from it exactly. ``progress``: the job's own state to keep in
+    checkpoints (an object with ``state() -> (meta, arrays)`` and ``load(meta, arrays)``).
     """
+    from lengen import checkpoint, interrupt
+
     trainer = Trainer(model, arch, arch_config, tokens, spec, window=window, seed=seed, accelerator=accelerator,
                       doc_starts=doc_starts, label=label)
     checkpoint_steps = checkpoint_steps or set()
     losses, step_times = [], []
+    resumed_from: list[int] = []
+    wall_before = 0.0  # training time of earlier segments (a resumed job)
+    stopped_at = None
+    found = checkpoint.latest(save_dir) if save_dir is not None else None
+    if found is not None:
+        meta, arrays = checkpoint.load(trainer, found)
+        losses, wall_before = meta["losses"], meta["wall_s"]
+        resumed_from, stopped_at = meta["resumed_from"] + [trainer.done], meta["stopped_at"]
+        if progress is not None:
+            progress.load(meta["progress"], arrays)
+
+    def save():
+        meta, arrays = progress.state() if progress is not None else ({}, {})
+        checkpoint.save(trainer, save_dir, {"losses": losses, "wall_s": wall_before + time.perf_counter() - start,
+                                            "resumed_from": resumed_from, "stopped_at": stopped_at,
+                                            "progress": meta}, arrays)
+
     trainer.model.train()
-    if 0 in checkpoint_steps and on_checkpoint:
+    if 0 in checkpoint_steps and on_checkpoint and trainer.done == 0:
         on_checkpoint(0, trainer.module)
     start = time.perf_counter()
-    info: dict = {"loss": float("nan")}
-    stopped_at = None
-    while trainer.done < spec.steps:
-        t0 = time.perf_counter()
-        log = trainer.done % log_every == 0 or trainer.done == spec.steps - 1
-        info = trainer.step(measure_norms=log)
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        done = trainer.done
-        if log:
-            losses.append({"step": done, **{k: v if k == "lr" else round(v, 6) for k, v in info.items()},
-                           **{f"grad_norm.{g}": round(v, 6) for g, v in trainer.grad_norms.items()}})
-        if on_step:
-            on_step(done, {**info, "tokens_per_s": trainer.tokens_per_step / dt})
-        if done in checkpoint_steps and on_checkpoint:
-            t_ck = time.perf_counter()
-            stop = on_checkpoint(done, trainer.module)
-            start += time.perf_counter() - t_ck  # evaluation time is not training time
-            trainer.model.train()
-            if stop:
-                stopped_at = done
-                break
-    wall = time.perf_counter() - start
+    info: dict = {"loss": losses[-1]["loss"] if losses else float("nan")}
+    every = spec.checkpoint_every
+    with interrupt.soft():
+        while trainer.done < spec.steps and stopped_at is None:
+            t0 = time.perf_counter()
+            log = trainer.done % log_every == 0 or trainer.done == spec.steps - 1
+            info = trainer.step(measure_norms=log, stop=interrupt.requested() is not None)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            done = trainer.done
+            if log:
+                losses.append({"step": done, **{k: v if k == "lr" else round(v, 6) for k, v in info.items()
+                                                if k != "stop"},
+                               **{f"grad_norm.{g}": round(v, 6) for g, v in trainer.grad_norms.items()}})
+            if on_step:
+                on_step(done, {**info, "tokens_per_s": trainer.tokens_per_step / dt})
+            if done in checkpoint_steps and on_checkpoint:
+                t_ck = time.perf_counter()
+                stop = on_checkpoint(done, trainer.module)
+                start += time.perf_counter() - t_ck  # evaluation time is not training time
+                trainer.model.train()
+                if stop:
+                    stopped_at = done
+            _fault_at_step(done)
+            if save_dir is not None and (info["stop"] or (every and done % every == 0 and done < spec.steps)):
+                save()
+            if info["stop"]:
+                interrupt.raise_for(interrupt.requested() or __import__("signal").SIGTERM)
+    if save_dir is not None and every and resumed_from[-1:] != [trainer.done]:
+        save()  # the trained model: a job interrupted during evaluation resumes from here
+    wall = wall_before + time.perf_counter() - start
     steady = step_times[1:] or step_times
     pending = trainer.pending()
-    if pending:
+    if pending and trainer.dist.main:
         import warnings
 
         warnings.warn(f"{label or 'training'}: training ended with unapplied summed gradients of "
@@ -364,4 +439,16 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
         groups=[{"name": g.name, "params": sum(p.numel() for p in g.params), "lr_scale": g.lr_scale,
                  "update_every": g.update_every} for g in trainer.groups],
         pending=pending,
+        processes=trainer.dist.world,
+        resumed_from=resumed_from,
     )
+
+
+def _fault_at_step(step: int) -> None:
+    """Fault injection for the resume tests: ``LENGEN_FAULT=kill-at-step@<n>`` kills the
+    process (SIGKILL) right after optimizer step n."""
+    import os
+    import signal
+
+    if os.environ.get("LENGEN_FAULT") == f"kill-at-step@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

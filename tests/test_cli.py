@@ -217,7 +217,7 @@ def test_ctrl_c_keeps_finished_records(tmp_path):
     cli = make_cli(PluginHost(plugins=[("fakes", _Plugins()), ("ctrlc", Interrupter())]))
     res = CliRunner().invoke(cli, ["run", "--arch", "bigram", "--arch", "sw", "--results", str(tmp_path), *FAST])
     assert res.exit_code == 130
-    assert "Interrupted: records already written are kept." in res.output
+    assert "Interrupted: records already written are kept; continue with: lengen run --resume " in res.output
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "interrupted" and run["records"] == ["bigram/seed0/record.json"]

@@ -99,7 +99,8 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, out
-    assert "Terminated (SIGTERM): records already written are kept." in out and "Traceback" not in out
+    assert "Terminated (SIGTERM): records already written are kept; continue with: lengen run --resume " in out
+    assert "Traceback" not in out
     (run_dir,) = list(results.iterdir())
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "interrupted" and run["error"] == "terminated (SIGTERM)"
