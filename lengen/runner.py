@@ -64,6 +64,7 @@ class Heartbeat:
         self.last = 0.0
 
     def beat(self, force: bool = False, **state) -> None:
+        force = force or ("phase" in state and state["phase"] != self.state.get("phase"))  # a new phase shows at once
         self.state.update(state)
         now = time.time()
         if self.enabled and (force or now - self.last >= BEAT_EVERY):

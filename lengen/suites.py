@@ -51,6 +51,8 @@ class TrainSpec(StrictConfig):
         "auto", description="with state passing: reset the state at document starts (equal-length documents) or "
                             "carry it across them (packed); auto: reset when possible")
     early_stopping: EarlyStopping | None = Field(None, description="needs eval.checkpoints >= 2")
+    compile: bool = Field(False, description="train through torch.compile (measured in docs/performance.md; "
+                                             "evaluation runs the model itself)")
     checkpoint_every: int = Field(0, ge=0, description="save a training checkpoint every N steps, for "
                                                        "`lengen run --resume` (0: only on Ctrl-C / SIGTERM)")
 

@@ -254,6 +254,8 @@ class Trainer:
                     "weight_decay": spec.weight_decay if g.weight_decay is None else g.weight_decay}
                    for g in self.groups if g.update_every == every and g.params]
             optimizers[every] = adamw(pgs, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        if spec.compile:
+            model = torch.compile(model)
         prepared = accelerator.prepare(model, *optimizers.values())
         self.model, self.opts = prepared[0], dict(zip(optimizers, prepared[1:]))
         self.batches = [WindowBatches(tokens, window, spec.batch_size, seed * 1000 + i, self.state_passing,
@@ -267,7 +269,9 @@ class Trainer:
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The model itself: without the DDP wrapper, and without torch.compile's."""
+        m = self.accelerator.unwrap_model(self.model)
+        return getattr(m, "_orig_mod", m)
 
     def step(self, measure_norms: bool = False, stop: bool = False) -> dict:
         """One optimizer step: the micro-batches' forward and backward (gradients synchronised

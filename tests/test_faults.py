@@ -93,8 +93,9 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     results = tmp_path / "r"
     proc = _lengen(["run", "--arch", "sw", "--seed", "0", "--seed", "1", "--results", str(results), *FAST,
                     *SMALL_SW, "--steps", "150"])
-    # wait until the first seed is recorded and the second is under way, then terminate
-    ok = _wait_for(lambda: (_heartbeat(results) or {}).get("job") == "sw seed 1")
+    # wait until the first seed is recorded and the second is training, then terminate
+    ok = _wait_for(lambda: (_heartbeat(results) or {}).get("job") == "sw seed 1"
+                   and _heartbeat(results).get("phase") == "training")
     assert ok, proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -109,6 +110,15 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     json.loads((run_dir / "sw" / "seed0" / "record.json").read_text())
     assert not list(run_dir.rglob("*.tmp")) and not (run_dir / "heartbeat.json").exists()
     assert run_state(run_dir) == ("interrupted", "terminated (SIGTERM)")
+    # the training loop stopped at the end of a step and saved a checkpoint: resume from it
+    (ckpt,) = (run_dir / "sw" / "seed1" / "checkpoints").iterdir()
+    stopped_at = int(ckpt.name.removeprefix("step-"))
+    assert 0 < stopped_at < 150 and run["jobs"][1]["step"] == stopped_at
+    res = invoke(["run", "--resume", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((run_dir / "sw" / "seed1" / "record.json").read_text())
+    assert rec["train"]["resumed_from"] == [stopped_at] and rec["train"]["steps"] == 150
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 
 
 def test_a_run_whose_process_is_gone_is_shown_terminated(tmp_path):
