@@ -12,9 +12,9 @@ A checkpoint is a folder ``<record dir>/checkpoints/step-<step>/`` holding
   it carries across steps.
 
 Tensors are stored with safetensors and everything else as JSON: resuming never unpickles
-anything. A checkpoint is written under a temporary name and renamed when every process has
-written its part, so a kill during the write leaves the previous checkpoint intact; the
-latest two are kept.
+anything. The processes send their parts to the main process, which alone writes, under a
+temporary name renamed when complete, so a kill during the write leaves the previous
+checkpoint intact; the latest two are kept.
 """
 
 from __future__ import annotations
@@ -52,22 +52,19 @@ def save(trainer, root: Path, meta: dict, arrays: dict[str, np.ndarray]) -> Path
     dist = trainer.dist
     final = step_dir(root, trainer.done)
     tmp = final.with_name(f".{final.name}.tmp")
+    ranks = dist.gather(_rank_state(trainer))  # only the main process writes
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    tensors, rank_meta = _rank_state(trainer)
-    atomic_save(tmp / f"rank{dist.rank}.safetensors", lambda p: save_file(tensors, str(p)))
-    atomic_write_json(tmp / f"rank{dist.rank}.json", rank_meta)
-    if dist.main:
+        for r, (tensors, rank_meta) in enumerate(ranks):
+            atomic_save(tmp / f"rank{r}.safetensors", lambda p, t=tensors: save_file(t, str(p)))
+            atomic_write_json(tmp / f"rank{r}.json", rank_meta)
         atomic_save(tmp / "model.safetensors", lambda p: save_model(trainer.module, str(p)))
         tensors, shared = _shared_state(trainer)
         tensors.update({f"job.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
         atomic_save(tmp / "train.safetensors", lambda p: save_file(tensors, str(p)))
         _fault("checkpoint", trainer.done)  # tests: a kill in the middle of the write
         atomic_write_json(tmp / "train.json", {**shared, "world": dist.world, "job": meta})
-    dist.barrier()
-    if dist.main:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
