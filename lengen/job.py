@@ -1,8 +1,9 @@
 """One job of a run: train one (architecture, seed), evaluate it in every mode, record it.
 
 Read top to bottom: build the model under the seed, train it (evaluating checkpoints along
-the way when the suite asks), evaluate the final model in each mode with every metric,
-measure its cost, and write the record. What the jobs of a run share (the suite, the data,
+the way when the suite asks, saving training checkpoints for resuming), evaluate the final
+model in each mode with every metric (once per variant, when the architecture declares
+several evaluations of one training), measure its cost, and write the record. What the jobs of a run share (the suite, the data,
 the evaluation sequences, the accelerator, the run folder) is the :class:`RunContext`.
 """
 

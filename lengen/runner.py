@@ -21,7 +21,7 @@ import numpy as np
 
 from lengen import events
 from lengen.api import Architecture, MetricContext
-from lengen.errors import LengenError, Terminated, TrainingDivergedError
+from lengen.errors import ConfigError, LengenError, Terminated, TrainingDivergedError
 from lengen.plan import Plan, RunRequest, plan_run
 from lengen.plugins import PluginHost
 from lengen.results import (HEARTBEAT, RUN, atomic_write_json, host_name, new_run_dir, process_start,
@@ -103,11 +103,19 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None, resume:
     accelerator, precision = make_accelerator(req.device, suite.train.precision,
                                               find_unused=suite.train.state_passing)
     dist = Dist.of(accelerator)
+    if suite.train.batch_size % dist.world:
+        raise ConfigError(f"train.batch_size = {suite.train.batch_size} must be divisible by the number of processes "
+                          f"({dist.world}), so that each trains on as many rows; change it with --set "
+                          "train.batch_size=N or the number of processes")
     console = console if console is not None and dist.main else Console(stderr=True, quiet=not dist.main)
     prov = {**provenance(accelerator.device, precision), "processes": dist.world}
     if resume is not None:
         run_dir = Path(resume)
         run_info = json.loads((run_dir / RUN).read_text())
+        before = run_info.get("provenance", {}).get("processes", 1)
+        if before != dist.world:
+            raise ConfigError(f"--resume {run_dir}: the run was started with {before} process(es) and this one has "
+                              f"{dist.world}; resume with {before} (its checkpoints hold one stream per process)")
         jobs = run_info["jobs"]
         run_info.setdefault("resumed", []).append({"time": time.time(), "provenance": prov})
         run_info.update(status="running", error=None)
