@@ -109,8 +109,11 @@ def json_option(f):
 @click.option("--checkpoints", type=int, help="Evaluate N checkpoints spread over training (evolution plot).")
 @click.option("--no-plot", is_flag=True, help="Do not write plots.")
 @click.option("--no-check", is_flag=True, help="Skip the causality check of architectures not seen passing before.")
+@click.option("--log-with", "log_with", multiple=True, metavar="TRACKER",
+              help="Log to an experiment tracker through accelerate: tensorboard, wandb, mlflow, comet_ml, aim, "
+                   "clearml, dvclive, swanlab, trackio (repeatable or comma-separated; default: none).")
 def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, results_dir, data_dir, cache_dir,
-        device, modes, checkpoints, no_plot, no_check):
+        device, modes, checkpoints, no_plot, no_check, log_with):
     """Train and evaluate architectures on a benchmark suite."""
     from lengen import allocator
     from lengen.plan import RunRequest
@@ -129,7 +132,8 @@ def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, resu
         overrides.append(f"eval.checkpoints={checkpoints}")
     req = RunRequest(benchmark=benchmark, archs=list(archs), seeds=list(seeds), overrides=overrides,
                      results_dir=results_dir, cache_dir=cache_dir, data_dir=data_dir,
-                     benchmarks_file=benchmarks_file, device=device, plot=not no_plot, check=not no_check)
+                     benchmarks_file=benchmarks_file, device=device, plot=not no_plot, check=not no_check,
+                     log_with=list(log_with))
     allocator.tune()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:

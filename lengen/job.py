@@ -41,6 +41,7 @@ class RunContext:
     dataset_record: dict
     prov: dict
     heartbeat: Any = None  # lengen.runner.Heartbeat
+    watch: Any = None  # lengen.runner.JobWatch: every step and checkpoint, to the heartbeat and trackers
 
     @property
     def suite(self) -> Suite:
@@ -88,6 +89,8 @@ class Checkpoints:
         self.sums.append(position_sums(ev.scores, ctx.mctx))
         ctx.host.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
             ctx.run_dir, ctx.suite.name, self.comp.name, self.seed, step, entry["metrics"], model))
+        if ctx.watch is not None:
+            ctx.watch.checkpoint(step, entry["metrics"])
         return self.stopper.update(step, entry["metrics"]) if self.stopper else False
 
 
@@ -142,6 +145,8 @@ def run_job(ctx: RunContext, comp: Component, seed: int) -> Path:
         def on_step(step, info):
             progress.update(task, completed=step, info=f"loss {info['loss']:.3f}  {info['tokens_per_s']:,.0f} tok/s")
             beat(phase="training", step=step, steps=suite.train.steps, loss=info["loss"])
+            if ctx.watch is not None:
+                ctx.watch.step(step, info)
 
         result = train(model, arch, comp.config, ctx.corpus.train.tokens, suite.train, window=W, seed=seed,
                        accelerator=ctx.accelerator, label=label, checkpoint_steps=set(ck.steps),

@@ -11,6 +11,7 @@ and the other jobs still run; the run's status then says so.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -85,23 +86,35 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
     from rich.console import Console
     from rich.markup import escape
 
-    from lengen.job import run_job
+    from lengen.job import checkpoint_steps, run_job
     from lengen.provenance import provenance
+    from lengen.results import read_record
+    from lengen.trackers import Trackers, parse_log_with
     from lengen.train import make_accelerator
 
     console = console or Console(stderr=True)
     suite = plan.suite
-    accelerator, precision = make_accelerator(req.device, suite.train.precision)
-    prov = provenance(accelerator.device, precision)
+    log_with = parse_log_with(req.log_with)
     run_dir = new_run_dir(req.results_dir, suite.name, [a.name for a in plan.archs])
+    try:
+        accelerator, precision = make_accelerator(req.device, suite.train.precision,
+                                                  **Trackers.accelerator_kwargs(log_with, run_dir))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing has started: leave no empty run folder
+        raise
+    prov = provenance(accelerator.device, precision)
     heartbeat = Heartbeat(run_dir)
+    trackers = Trackers(accelerator, log_with, run_dir, run_dir.name, suite,
+                        say=lambda message: console.print(escape(message)))
     jobs = [{"arch": a.name, "seed": s, "status": "pending", "step": None, "error": None, "record": None}
             for a in plan.archs for s in plan.seeds]
     run_info = {
         "run_id": run_dir.name, "status": "running", "benchmark": suite.name,
         "archs": [a.name for a in plan.archs], "seeds": plan.seeds, "started": time.time(),
         **heartbeat.base, "suite": suite.model_dump(mode="json"), "suite_hash": suite.hash(),
-        "provenance": prov, "jobs": jobs,
+        "provenance": prov, "jobs": jobs, "log_with": log_with,
+        # what the metrics declared about their outputs, for `lengen status` before any record exists
+        "metric_plugins": {m.name: {"outputs": [o.as_dict() for o in m.obj.outputs]} for m in plan.metrics},
     }
     save = lambda: atomic_write_json(run_dir / RUN, run_info)  # noqa: E731
     save()
@@ -113,14 +126,21 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
     try:
         ctx = _prepare(host, plan, console, accelerator, run_dir, run_info, prov)
         ctx.heartbeat = heartbeat
+        ctx.watch = JobWatch(heartbeat, trackers)
+        plotted = None  # the records the run's plots were last drawn from
+        n_checkpoints = len(checkpoint_steps(suite.train.steps, suite.eval.checkpoints)) if (
+            {"full", "window"} & set(suite.eval.modes)) else 0
         for comp in plan.archs:
             for seed in plan.seeds:
                 job = next(j for j in jobs if j["arch"] == comp.name and j["seed"] == seed)
                 job.update(status="running", started=time.time())
                 save()
                 heartbeat.beat(force=True, job=f"{comp.name} seed {seed}", phase="building", step=0,
-                               steps=suite.train.steps)
+                               steps=suite.train.steps, job_started=time.time(), loss=None, tokens_per_s=None,
+                               checkpoints=n_checkpoints, checkpoints_done=0, metrics={})
+                path = None
                 try:
+                    trackers.start_job(comp.name, seed, comp.config.model_dump(mode="json"))
                     path = run_job(ctx, comp, seed)
                     job.update(status="finished", record=str(path.relative_to(run_dir)),
                                step=heartbeat.state.get("step"))
@@ -137,15 +157,20 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
                     job.update(status="failed", step=heartbeat.state.get("step"),
                                error=f"{type(exc).__name__}: {exc} (traceback in {trace.relative_to(run_dir)})")
                     console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {escape(job['error'])}")
+                finally:
+                    if trackers.job:  # the record and the plots so far go to the job's tracker run
+                        record = read_record(path) if path else None
+                        plots = []
+                        if req.plot and record:
+                            plotted = [run_dir / j["record"] for j in jobs if j["status"] == "finished"]
+                            plots = _plots(console, [r for r in map(read_record, plotted) if r], run_dir)
+                        trackers.end_job(record, path, plots)
                 job["wall_s"] = time.time() - job["started"]
                 save()
         job = None
         finished = [run_dir / j["record"] for j in jobs if j["status"] == "finished"]
-        if req.plot and finished:
-            from lengen.plots import write_run_plots
-            from lengen.results import read_record
-
-            write_run_plots([r for r in map(read_record, finished) if r], run_dir)
+        if req.plot and finished and finished != plotted:
+            _plots(console, [r for r in map(read_record, finished) if r], run_dir)
         states = {j["status"] for j in jobs}
         status = "failed" if "failed" in states else "diverged" if "diverged" in states else "finished"
     except KeyboardInterrupt as exc:
@@ -176,8 +201,10 @@ def _prepare(host, plan: Plan, console, accelerator, run_dir, run_info, prov):
     from lengen.job import RunContext
 
     suite = plan.suite
+    from lengen.progress import phase
+
     t0 = time.perf_counter()
-    with console.status(f"loading dataset {suite.dataset!r}") as spinner:
+    with phase(console, f"loading dataset {suite.dataset!r}") as spinner:
         corpus = plan.dataset.obj.load(plan.dataset.config,
                                        replace(plan.data_ctx, progress=lambda message: spinner.update(message)))
     load_s = time.perf_counter() - t0
@@ -203,5 +230,40 @@ def _prepare(host, plan: Plan, console, accelerator, run_dir, run_info, prov):
                       console=console, run_dir=run_dir, run_info=run_info, dataset_record=dataset_record, prov=prov)
 
 
+def _plots(console, records: list[dict], run_dir: Path) -> list[Path]:
+    from lengen.plots import write_run_plots
+    from lengen.progress import phase
+
+    with phase(console, "writing plots"):
+        return write_run_plots(records, run_dir)
+
+
+class JobWatch:
+    """What a job reports as it goes (``RunContext.watch``): every optimizer step and every
+    evaluated checkpoint, to the heartbeat (what ``lengen status`` shows) and the trackers."""
+
+    def __init__(self, heartbeat: Heartbeat, trackers):
+        self.heartbeat, self.trackers = heartbeat, trackers
+
+    def step(self, step: int, info: dict) -> None:
+        self.heartbeat.beat(tokens_per_s=info.get("tokens_per_s"))
+        self.trackers.log_step(step, info)
+
+    def checkpoint(self, step: int, metrics: dict) -> None:
+        values = {k: v.get("value") for k, v in metrics.items() if isinstance(v, dict)}
+        done = self.heartbeat.state.get("checkpoints_done", 0) + 1
+        self.heartbeat.beat(force=True, checkpoints_done=done, metrics=values, metrics_step=step)
+        self.trackers.log_checkpoint(step, metrics)
+
+
 def run(host: PluginHost, req: RunRequest, console=None) -> RunOutcome:
-    return execute(host, req, plan_run(host, req), console)
+    from rich.console import Console
+
+    from lengen.progress import phase
+    from lengen.trackers import parse_log_with
+
+    console = console or Console(stderr=True)
+    parse_log_with(req.log_with)  # a missing tracker package is said before any work
+    with phase(console, f"checking suite {req.benchmark!r} and its components"):
+        plan = plan_run(host, req)
+    return execute(host, req, plan, console)

@@ -103,9 +103,10 @@ class WindowBatches:
         return self.tokens[starts[:, None] + self._span], reset
 
 
-def make_accelerator(device: str, precision: str):
+def make_accelerator(device: str, precision: str, **accelerator_kwargs):
     """An ``accelerate.Accelerator`` for ``--device`` (auto, cpu, cuda) and ``train.precision``
-    (auto: bf16 on a GPU that supports it, else fp32); returns it and the precision used."""
+    (auto: bf16 on a GPU that supports it, else fp32); returns it and the precision used.
+    ``accelerator_kwargs`` go to ``Accelerator`` (the trackers: ``log_with``, ``project_config``)."""
     import warnings
 
     from accelerate import Accelerator
@@ -121,7 +122,7 @@ def make_accelerator(device: str, precision: str):
         warnings.warn(f"train.precision = {precision} on CPU: training in fp32 instead", stacklevel=2)
         precision = "fp32"
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(cpu=use_cpu, mixed_precision=mixed), precision
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed, **accelerator_kwargs), precision
 
 
 def count_params(model: torch.nn.Module) -> int:
