@@ -210,34 +210,27 @@ def _print_unfinished(results_dir: Path, benchmark: str | None) -> None:
 
 
 @click.command()
+@click.argument("results", required=False, type=click.Path(path_type=Path))
 @results_option
+@click.option("--watch", type=click.FloatRange(min=0.5), metavar="SECONDS",
+              help="Redraw every SECONDS until interrupted (Ctrl-C).")
 @json_option
-def status(results_dir, as_json):
-    """Every run in a results folder: running, finished, diverged, failed, interrupted, or
-    terminated (its process is gone without a final record), with its jobs."""
-    from lengen.results import iter_runs
+def status(results, results_dir, watch, as_json):
+    """Every run in a results folder (RESULTS or --results, default results/): running,
+    finished, diverged, failed, interrupted, or terminated (its process is gone without a final
+    record); its jobs done and to do, the current step, elapsed time and ETA, checkpoints
+    evaluated, the latest values and the error line of a failed job."""
+    from lengen.status import run_rows, show
 
-    runs = []
-    for run_dir, info, state, why in iter_runs(results_dir):
-        jobs = info.get("jobs", [])
-        runs.append({"run_id": run_dir.name, "state": state, "why": why, "benchmark": info.get("benchmark"),
-                     "archs": info.get("archs"), "seeds": info.get("seeds"),
-                     "jobs_done": sum(j.get("status") == "finished" for j in jobs), "jobs": len(jobs),
-                     "problems": [f"{j['arch']} seed {j['seed']}: {j['status']}" + (f" ({j['error']})" if j.get("error") else "")
-                                  for j in jobs if j.get("status") in ("diverged", "failed", "interrupted")]})
+    results_dir = _results_arg(results, results_dir)
     if as_json:
-        click.echo(json.dumps(runs, indent=2))
+        if watch:
+            raise LengenError("--watch redraws a table; it cannot be combined with --json")
+        click.echo(json.dumps(run_rows(results_dir), indent=2))
         return
-    if not runs:
-        click.echo(f"no runs under {results_dir}")
-        return
-    colour = {"running": "cyan", "finished": "green", "interrupted": "yellow", "terminated": "red",
-              "diverged": "red", "failed": "red"}
-    for r in runs:
-        click.echo(click.style(f"{r['state']:<11}", fg=colour.get(r["state"])) + f" {r['run_id']}  "
-                   f"{r['jobs_done']}/{r['jobs']} jobs" + (f"  {r['why']}" if r["why"] else ""))
-        for p in r["problems"]:
-            click.echo(f"            {p}")
+    from rich.console import Console
+
+    show(results_dir, Console(), watch)
 
 
 @click.command()
@@ -473,6 +466,13 @@ def make_cli(plugin_host: PluginHost | None = None) -> click.Group:
 
 # ---------------------------------------------------------------------------------------
 # helpers
+
+
+def _results_arg(results: Path | None, results_dir: Path) -> Path:
+    """The results folder given as an argument or with --results (not two different ones)."""
+    if results is not None and results_dir != Path("results") and results != results_dir:
+        raise LengenError(f"two results folders given ({results} and --results {results_dir}); give one")
+    return results if results is not None else results_dir
 
 
 def _records_from(paths) -> list[dict]:
