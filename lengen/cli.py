@@ -377,6 +377,72 @@ def check(archs, datasets, metric_names, benchmark, overrides, benchmarks_file, 
         raise SystemExit(1)
 
 
+@click.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--arch", help="Architecture, when the run has several.")
+@click.option("--seed", type=SEED, help="Training seed of the record (default: the first).")
+@click.option("--prompt", help="Text to continue, in the dataset's tokenizer (synthetic: e.g. 'SET k3 v7 w1 GET k3'); "
+                               "default: the first token of an evaluation document.")
+@click.option("--tokens", "n_tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate.")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="0: greedy.")
+@click.option("--top-k", type=int, help="Sample among the K most likely tokens.")
+@click.option("--top-p", type=float, help="Sample among the most likely tokens holding this much probability.")
+@click.option("--sampling-seed", default=0, show_default=True, type=int, help="Seed of the sampler.")
+@click.option("--stream", is_flag=True, help="Print tokens as they come.")
+@device_option
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Local data for file-based datasets (as the run had).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/lengen).")
+@json_option
+def generate(run_path, arch, seed, prompt, n_tokens, temperature, top_k, top_p, sampling_seed, stream, device,
+             data_dir, cache_dir, as_json):
+    """Generate text with a recorded run's model (RUN: a run folder, a record folder or a
+    record.json), its state carried from token to token."""
+    from lengen.generate import Detokenizer, check_sampling, find_record, generate as gen_tokens, load_model, timed
+
+    check_sampling(temperature, top_k, top_p)
+    h = host()
+    record = find_record(run_path, arch, seed)
+    m = load_model(h, record, device=device, data_dir=data_dir, cache_dir=cache_dir)
+    if prompt is not None:
+        if m.encode is None:
+            raise LengenError(f"--prompt: dataset {record['dataset']['name']!r} gives no encoder (Corpus.encode); "
+                              "leave --prompt out to start from an evaluation document")
+        try:
+            ids = list(m.encode(prompt))
+        except ValueError as exc:
+            raise LengenError(f"--prompt: {exc}") from None
+        if not ids:
+            raise LengenError(f"--prompt {prompt!r} encodes to no tokens; give some text")
+    else:
+        ids = [m.start_token]
+    shown = prompt if prompt is not None else (m.decode([m.start_token]) if m.decode else str(m.start_token))
+    detok = Detokenizer(m.decode, ids)
+    out, pieces, seconds = [], [], 0.0
+    if stream and not as_json:
+        click.echo(click.style(shown, dim=True), nl=False)
+    for tok, seconds in timed(gen_tokens(m, ids, n_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         seed=sampling_seed)):
+        out.append(tok)
+        piece = detok.push(tok)
+        pieces.append(piece)
+        if stream and not as_json and piece:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    text = "".join(pieces)
+    who = f"{record['arch']} seed {record['seed']} of {Path(record['_path']).parent.parent.parent.name}"
+    if as_json:
+        click.echo(json.dumps({"arch": record["arch"], "seed": record["seed"], "record": record["_path"],
+                               "prompt": shown, "prompt_ids": ids, "ids": out, "text": text, "seconds": seconds,
+                               "tokens_per_s": len(out) / seconds if seconds else None}, indent=2))
+        return
+    if stream:
+        click.echo()
+    else:
+        click.echo(click.style(shown, dim=True) + text)
+    click.echo(f"{len(out)} tokens in {seconds:.2f} s ({len(out) / max(seconds, 1e-9):,.0f} tokens/s): {who}", err=True)
+
+
 @click.group()
 def bench():
     """Benchmarks of cost (speed, memory) against length."""
@@ -435,7 +501,7 @@ def bench_eval_cmd(arch_name, benchmark, overrides, benchmarks_file, lengths, ba
     click.echo(f"medians of {repeats} repeats; memory: {rows[0]['memory_method']} (excludes the weights)")
 
 
-COMMANDS = [run, leaderboard, status, plugins, list_cmd, plot, compare, check, bench]
+COMMANDS = [run, leaderboard, status, plugins, list_cmd, plot, compare, check, bench, generate]
 
 
 def make_cli(plugin_host: PluginHost | None = None) -> click.Group:
