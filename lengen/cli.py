@@ -443,6 +443,30 @@ def generate(run_path, arch, seed, prompt, n_tokens, temperature, top_k, top_p, 
     click.echo(f"{len(out)} tokens in {seconds:.2f} s ({len(out) / max(seconds, 1e-9):,.0f} tokens/s): {who}", err=True)
 
 
+@click.command()
+@click.argument("results", required=False, type=click.Path(path_type=Path))
+@results_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True,
+              help="The HTML file to write.")
+@click.option("--title", help="Title of the report (default: the results folder's name).")
+def report(results, results_dir, out, title):
+    """One self-contained HTML file of a results folder (RESULTS or --results): the sortable
+    leaderboard, paired comparisons, each run's protocol, provenance and plots. Needs no network
+    to view; readable on a phone and in print."""
+    from lengen.progress import phase
+    from lengen.report import write_report
+
+    results_dir = _results_arg(results, results_dir)
+    if not results_dir.is_dir():
+        raise LengenError(f"{results_dir}: no such results folder; give the folder `lengen run --results` wrote to")
+    if out.is_dir():
+        raise LengenError(f"-o {out}: is a folder; give a file name such as {out / 'report.html'}")
+    console = _stderr_console()
+    with phase(console, f"writing the report of {results_dir}") as status:
+        path = write_report(results_dir, out, title, progress=status.update)
+    click.echo(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB)")
+
+
 @click.group()
 def bench():
     """Benchmarks of cost (speed, memory) against length."""
@@ -501,7 +525,7 @@ def bench_eval_cmd(arch_name, benchmark, overrides, benchmarks_file, lengths, ba
     click.echo(f"medians of {repeats} repeats; memory: {rows[0]['memory_method']} (excludes the weights)")
 
 
-COMMANDS = [run, leaderboard, status, plugins, list_cmd, plot, compare, check, bench, generate]
+COMMANDS = [run, leaderboard, status, plugins, list_cmd, plot, compare, check, bench, generate, report]
 
 
 def make_cli(plugin_host: PluginHost | None = None) -> click.Group:
@@ -518,7 +542,9 @@ def make_cli(plugin_host: PluginHost | None = None) -> click.Group:
         Quick start:
           lengen run --arch sw           train + evaluate on the default 'tiny' suite
           lengen leaderboard             compare every recorded result
-          lengen status                  the runs in results/ and their state
+          lengen status                  the runs in results/ and their state (--watch 10)
+          lengen report -o report.html   a self-contained HTML report to share
+          lengen generate results/RUN    what a trained model writes
           lengen list archs              what can be run
           lengen plugins                 installed plugins and their problems
         """
