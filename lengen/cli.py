@@ -390,12 +390,14 @@ def check(archs, datasets, metric_names, benchmark, overrides, benchmarks_file, 
 @click.option("--top-p", type=float, help="Sample among the most likely tokens holding this much probability.")
 @click.option("--sampling-seed", default=0, show_default=True, type=int, help="Seed of the sampler.")
 @click.option("--stream", is_flag=True, help="Print tokens as they come.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's); one token per "
+                                                             "forward is small work: 1 is often faster.")
 @device_option
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Local data for file-based datasets (as the run had).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/lengen).")
 @json_option
-def generate(run_path, arch, seed, prompt, n_tokens, temperature, top_k, top_p, sampling_seed, stream, device,
-             data_dir, cache_dir, as_json):
+def generate(run_path, arch, seed, prompt, n_tokens, temperature, top_k, top_p, sampling_seed, stream, threads,
+             device, data_dir, cache_dir, as_json):
     """Generate text with a recorded run's model (RUN: a run folder, a record folder or a
     record.json), its state carried from token to token."""
     from lengen.generate import Detokenizer, check_sampling, find_record, generate as gen_tokens, load_model, timed
@@ -403,6 +405,10 @@ def generate(run_path, arch, seed, prompt, n_tokens, temperature, top_k, top_p, 
     check_sampling(temperature, top_k, top_p)
     h = host()
     record = find_record(run_path, arch, seed)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     m = load_model(h, record, device=device, data_dir=data_dir, cache_dir=cache_dir)
     if prompt is not None:
         if m.encode is None:

@@ -150,14 +150,51 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ConfigError(f"--top-p {top_p}: use a probability mass in (0, 1]")
 
 
-def generate(m: Loaded, prompt: list[int], n: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, chunk: int | None = None) -> Iterator[int]:
-    """Yield ``n`` tokens following ``prompt`` (token ids, at least one). Stateful models are
-    fed the prompt in chunks of ``chunk`` tokens (default W), then each new token with the
-    state carried; stateless ones the last W tokens for every token."""
-    import torch
+class Stream:
+    """A model reading a stream of tokens: :meth:`feed` takes the next tokens and returns the
+    logits of the token after them. A stateful architecture carries its state (the prompt in
+    chunks of ``chunk`` tokens, default W); a stateless one keeps its last W tokens and is
+    re-fed them. :meth:`copy` forks the stream (its state cloned)."""
 
-    from lengen.api import as_output
+    def __init__(self, m: Loaded, chunk: int | None = None):
+        self.m, self.chunk = m, chunk or m.window
+        self.state: Any = None
+        self.context: list[int] = []
+
+    def feed(self, ids: list[int]):
+        import torch
+
+        from lengen.api import as_output
+
+        m = self.m
+        grad = torch.enable_grad if m.arch.grad_in_eval else torch.no_grad
+        with grad():
+            if m.arch.stateful:
+                x = torch.tensor([list(ids)], dtype=torch.long, device=m.device)
+                for a in range(0, x.shape[1], self.chunk):
+                    out = as_output(m.model(x[:, a:a + self.chunk], self.state))
+                    self.state = out.state
+                return out.logits[0, -1].detach().cpu()
+            self.context = (self.context + list(ids))[-m.window:]
+            out = as_output(m.model(torch.tensor([self.context], device=m.device), None))
+            return out.logits[0, -1].detach().cpu()
+
+    def copy(self) -> "Stream":
+        import torch
+        from torch.utils._pytree import tree_map
+
+        other = Stream(self.m, self.chunk)
+        other.state = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.state)
+        other.context = list(self.context)
+        return other
+
+
+def generate(m: Loaded, prompt: list[int], n: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, chunk: int | None = None,
+             stream: Stream | None = None) -> Iterator[int]:
+    """Yield ``n`` tokens following ``prompt`` (token ids, at least one), read by ``stream``
+    (default: a new :class:`Stream`; pass one to continue it)."""
+    import torch
 
     check_sampling(temperature, top_k, top_p)
     if not prompt:
@@ -166,30 +203,13 @@ def generate(m: Loaded, prompt: list[int], n: int, *, temperature: float = 1.0, 
     if bad:
         raise ConfigError(f"prompt token {bad[0]} is outside the vocabulary (0..{m.vocab_size - 1})")
     gen = torch.Generator().manual_seed(seed)
-    dev = m.device
-    grad = torch.enable_grad if m.arch.grad_in_eval else torch.no_grad
-    W = m.window
-    with grad():
-        if m.arch.stateful:
-            state = None
-            chunk = chunk or W
-            ids = torch.tensor(prompt, dtype=torch.long, device=dev)[None]
-            for a in range(0, ids.shape[1], chunk):
-                out = as_output(m.model(ids[:, a:a + chunk], state))
-                state = out.state
-            logits = out.logits[0, -1]
-            for _ in range(n):
-                tok = sample(logits.cpu(), gen, temperature=temperature, top_k=top_k, top_p=top_p)
-                yield tok
-                out = as_output(m.model(torch.tensor([[tok]], device=dev), state))
-                state, logits = out.state, out.logits[0, -1]
-        else:
-            context = list(prompt[-W:])
-            for _ in range(n):
-                out = as_output(m.model(torch.tensor([context], device=dev), None))
-                tok = sample(out.logits[0, -1].cpu(), gen, temperature=temperature, top_k=top_k, top_p=top_p)
-                yield tok
-                context = (context + [tok])[-W:]
+    stream = stream or Stream(m, chunk)
+    logits = stream.feed(prompt)
+    for i in range(n):
+        tok = sample(logits, gen, temperature=temperature, top_k=top_k, top_p=top_p)
+        yield tok
+        if i < n - 1:
+            logits = stream.feed([tok])
 
 
 class Detokenizer:
