@@ -199,10 +199,9 @@ def _prepare(host, plan: Plan, console, accelerator, run_dir, run_info, prov):
     """Load the dataset, cut the evaluation sequences, let metrics annotate them."""
     from lengen.evaluate import eval_sequences
     from lengen.job import RunContext
-
-    suite = plan.suite
     from lengen.progress import phase
 
+    suite = plan.suite
     t0 = time.perf_counter()
     with phase(console, f"loading dataset {suite.dataset!r}") as spinner:
         corpus = plan.dataset.obj.load(plan.dataset.config,

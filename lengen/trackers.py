@@ -131,6 +131,7 @@ class Trackers:
         self.suite, self.say = suite, say
         self.job: str | None = None
         self.last_step = 0
+        self.failed = False  # a tracker raised while logging this job: said once, then this job logs no more
         if "wandb" in self.names:
             wandb_offline_if_unreachable(say)
 
@@ -151,7 +152,7 @@ class Trackers:
         if not self.names:
             return
         job = f"{arch}-seed{seed}"
-        self.last_step = 0
+        self.last_step, self.failed = 0, False
         # tensorboard: <run>/tensorboard/<arch>-seed<k>/<project>, one folder per job
         self.accelerator.project_configuration.logging_dir = str(self.run_dir / TENSORBOARD_DIR / job)
         config = _flat("", {"run_id": self.run_id, "arch": arch, "seed": seed, "benchmark": self.suite.name,
@@ -169,6 +170,18 @@ class Trackers:
                               f"set it offline (e.g. WANDB_MODE=offline)") from None
         self.job = job
 
+    def _log(self, values: dict, step: int) -> None:
+        """``accelerator.log``; a tracker's error is said once and the job goes on without it
+        (a log that cannot be written must not stop training)."""
+        if not values or self.failed:
+            return
+        try:
+            self.accelerator.log(values, step=step)
+        except Exception as exc:  # noqa: BLE001 - any tracker's own error
+            self.failed = True
+            self.say(f"warning: --log-with: {type(exc).__name__} while logging {self.job} at step {step}: {exc}; "
+                     "this job logs no more")
+
     def log_step(self, step: int, info: dict) -> None:
         """One optimizer step: the LM loss, each auxiliary loss, the learning rate, tokens/s."""
         if not self.job:
@@ -180,12 +193,12 @@ class Trackers:
         values.update({f"train/{portable(k)}": float(v) for k, v in info.items()
                        if k not in ("loss", "tokens_per_s") and isinstance(v, (int, float))})
         self.last_step = step
-        self.accelerator.log(values, step=step)
+        self._log(values, step)
 
     def log_checkpoint(self, step: int, metrics: dict) -> None:
         """An evaluated checkpoint's metrics (each position of a family its own scalar)."""
         if self.job:
-            self.accelerator.log(_cells(metrics, "eval"), step=step)
+            self._log(_cells(metrics, "eval"), step)
 
     def end_job(self, record: dict | None, record_path: Path | None, plots: list[Path]) -> None:
         """The job's final metrics and curves, its record and the plots as artifacts; closes the
@@ -198,12 +211,18 @@ class Trackers:
                 final = {}
                 for mode, ev in record.get("evaluations", {}).items():
                     final.update(_cells(ev.get("metrics", {}), f"final/{mode}"))
-                if final:
-                    self.accelerator.log(final, step=step)
-                self._curves(record)
-            self._artifacts(record_path, plots)
+                self._log(final, step)
+                if not self.failed:
+                    self._curves(record)
+            if not self.failed:
+                self._artifacts(record_path, plots)
+        except Exception as exc:  # noqa: BLE001 - the record is written; a tracker's error is only said
+            self.say(f"warning: --log-with: {type(exc).__name__} while logging the end of {self.job}: {exc}")
         finally:
-            self.accelerator.end_training()
+            try:
+                self.accelerator.end_training()
+            except Exception as exc:  # noqa: BLE001 - as above
+                self.say(f"warning: --log-with: {type(exc).__name__} while closing the trackers of {self.job}: {exc}")
             self.accelerator.trackers.clear()
             self.job = None
 

@@ -154,6 +154,29 @@ def test_a_tracker_that_is_missing_or_misspelt_is_one_line_before_any_work(tmp_p
     assert not (tmp_path / "r").exists()  # nothing started
 
 
+def test_a_tracker_that_fails_while_logging_is_said_once_and_training_goes_on(tmp_path):
+    from types import SimpleNamespace
+
+    from lengen.suites import TrainSpec
+    from lengen.trackers import Trackers
+
+    class Accelerator:
+        trackers, calls = [], 0
+
+        def log(self, values, step=None):
+            Accelerator.calls += 1
+            raise OSError("No space left on device")
+
+    said = []
+    t = Trackers(Accelerator(), [], tmp_path, "run", SimpleNamespace(train=TrainSpec(steps=10)), say=said.append)
+    t.job = "sw-seed0"
+    for step in (1, 2, 3):
+        t.log_step(step, {"loss": 2.0, "tokens_per_s": 100.0})
+    t.log_checkpoint(3, {"ppl@1W": {"value": 9.0}})
+    assert Accelerator.calls == 1 and said == [
+        "warning: --log-with: OSError while logging sw-seed0 at step 1: No space left on device; this job logs no more"]
+
+
 def test_wandb_without_network_runs_offline_and_says_so(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'lengen[wandb]')")
     monkeypatch.delenv("WANDB_MODE", raising=False)
