@@ -105,7 +105,7 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None) -> RunO
     prov = provenance(accelerator.device, precision)
     heartbeat = Heartbeat(run_dir)
     trackers = Trackers(accelerator, log_with, run_dir, run_dir.name, suite,
-                        say=lambda message: console.print(escape(message)))
+                        say=lambda message: console.print(escape(message), soft_wrap=True))
     jobs = [{"arch": a.name, "seed": s, "status": "pending", "step": None, "error": None, "record": None}
             for a in plan.archs for s in plan.seeds]
     run_info = {
