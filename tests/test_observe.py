@@ -293,6 +293,12 @@ def test_status_names_every_state(tmp_path):
     assert "ttt: ppl@1W 11, ppl@10W 13" in lines["b-running"]
     assert "sw: ppl@1W 9.25, ppl@10W 9.75" in lines["a-finished"]
     assert "e-failed: sw seed 0: failed at step 3: ValueError: bad shape" in out
+    # a process of its own: status reads these runs (records included) without importing torch
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom lengen.cli import make_cli\n"
+            f"r = CliRunner().invoke(make_cli(), ['status', {str(root)!r}])\n"
+            "assert r.exit_code == 0 and 'b-running' in r.output, r.output\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
     # RESULTS and --results must agree
     both = CliRunner().invoke(make_cli(), ["status", str(root), "--results", str(tmp_path)])
     assert both.exit_code == 2 and "two results folders given" in both.output
