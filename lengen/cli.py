@@ -468,8 +468,11 @@ def report(results, results_dir, out, title):
     if out.is_dir():
         raise LengenError(f"-o {out}: is a folder; give a file name such as {out / 'report.html'}")
     console = _stderr_console()
-    with phase(console, f"writing the report of {results_dir}") as status:
-        path = write_report(results_dir, out, title, progress=status.update)
+    try:
+        with phase(console, f"writing the report of {results_dir}") as status:
+            path = write_report(results_dir, out, title, progress=status.update)
+    except OSError as exc:
+        raise LengenError(f"-o {out}: cannot write it ({exc.strerror or exc}); give a writable file path") from None
     click.echo(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB)")
 
 
