@@ -218,6 +218,7 @@ class Corpus:
     tokenizer: dict = field(default_factory=dict)  # name, settings, hash
     info: dict = field(default_factory=dict)  # anything worth recording
     decode: Any = None  # optional: list[int] -> str
+    encode: Any = None  # optional: str -> list[int] (``lengen generate --prompt``)
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,8 @@ class OutputSpec:
     - ``note``: one sentence for the table's caption when the column is shown.
     - ``reference``: draw these values as a grey reference line, labelled ``label``, on the
       plot of that kind (a :class:`PlotSpec` ``kind``), at x = the member's multiple of W.
+    - ``status``: which members ``lengen status`` (and the report's run summaries) show as a
+      run's latest values: ``"all"``, ``"last"``, a tuple of x labels, or ``None``.
     """
 
     key: str
@@ -359,12 +362,15 @@ class OutputSpec:
     note: str = ""
     reference: str | None = None
     label: str | None = None
+    status: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.better not in (None, "lower", "higher"):
             raise ValueError(f"OutputSpec({self.key!r}).better must be 'lower', 'higher' or None, not {self.better!r}")
-        if not (self.table is None or self.table in ("all", "last") or isinstance(self.table, tuple)):
-            raise ValueError(f"OutputSpec({self.key!r}).table must be 'all', 'last', a tuple of x labels or None")
+        for name in ("table", "status"):
+            value = getattr(self, name)
+            if not (value is None or value in ("all", "last") or isinstance(value, tuple)):
+                raise ValueError(f"OutputSpec({self.key!r}).{name} must be 'all', 'last', a tuple of x labels or None")
 
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.key)
@@ -375,7 +381,7 @@ class OutputSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "OutputSpec":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("table", "table_modes"):
+        for k in ("table", "table_modes", "status"):
             if isinstance(known.get(k), list):
                 known[k] = tuple(known[k])
         return cls(**known)

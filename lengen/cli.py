@@ -114,8 +114,11 @@ def json_option(f):
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue an interrupted run (its folder): finished jobs are kept, the others continue from their "
                    "latest checkpoint. The run's own options apply (--device may change).")
+@click.option("--log-with", "log_with", multiple=True, metavar="TRACKER",
+              help="Log to an experiment tracker through accelerate: tensorboard, wandb, mlflow, comet_ml, aim, "
+                   "clearml, dvclive, swanlab, trackio (repeatable or comma-separated; default: none).")
 def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, results_dir, data_dir, cache_dir,
-        device, modes, checkpoints, no_plot, no_check, resume_dir):
+        device, modes, checkpoints, no_plot, no_check, resume_dir, log_with):
     """Train and evaluate architectures on a benchmark suite.
 
     \b
@@ -140,7 +143,8 @@ def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, resu
         overrides.append(f"eval.checkpoints={checkpoints}")
     req = RunRequest(benchmark=benchmark, archs=list(archs), seeds=list(seeds), overrides=overrides,
                      results_dir=results_dir, cache_dir=cache_dir, data_dir=data_dir,
-                     benchmarks_file=benchmarks_file, device=device, plot=not no_plot, check=not no_check)
+                     benchmarks_file=benchmarks_file, device=device, plot=not no_plot, check=not no_check,
+                     log_with=list(log_with))
     allocator.tune()
     with interrupt.installed():
         if resume_dir is not None:
@@ -219,34 +223,27 @@ def _print_unfinished(results_dir: Path, benchmark: str | None) -> None:
 
 
 @click.command()
+@click.argument("results", required=False, type=click.Path(path_type=Path))
 @results_option
+@click.option("--watch", type=click.FloatRange(min=0.5), metavar="SECONDS",
+              help="Redraw every SECONDS until interrupted (Ctrl-C).")
 @json_option
-def status(results_dir, as_json):
-    """Every run in a results folder: running, finished, diverged, failed, interrupted, or
-    terminated (its process is gone without a final record), with its jobs."""
-    from lengen.results import iter_runs
+def status(results, results_dir, watch, as_json):
+    """Every run in a results folder (RESULTS or --results, default results/): running,
+    finished, diverged, failed, interrupted, or terminated (its process is gone without a final
+    record); its jobs done and to do, the current step, elapsed time and ETA, checkpoints
+    evaluated, the latest values and the error line of a failed job."""
+    from lengen.status import run_rows, show
 
-    runs = []
-    for run_dir, info, state, why in iter_runs(results_dir):
-        jobs = info.get("jobs", [])
-        runs.append({"run_id": run_dir.name, "state": state, "why": why, "benchmark": info.get("benchmark"),
-                     "archs": info.get("archs"), "seeds": info.get("seeds"),
-                     "jobs_done": sum(j.get("status") == "finished" for j in jobs), "jobs": len(jobs),
-                     "problems": [f"{j['arch']} seed {j['seed']}: {j['status']}" + (f" ({j['error']})" if j.get("error") else "")
-                                  for j in jobs if j.get("status") in ("diverged", "failed", "interrupted")]})
+    results_dir = _results_arg(results, results_dir)
     if as_json:
-        click.echo(json.dumps(runs, indent=2))
+        if watch:
+            raise LengenError("--watch redraws a table; it cannot be combined with --json")
+        click.echo(json.dumps(run_rows(results_dir), indent=2))
         return
-    if not runs:
-        click.echo(f"no runs under {results_dir}")
-        return
-    colour = {"running": "cyan", "finished": "green", "interrupted": "yellow", "terminated": "red",
-              "diverged": "red", "failed": "red"}
-    for r in runs:
-        click.echo(click.style(f"{r['state']:<11}", fg=colour.get(r["state"])) + f" {r['run_id']}  "
-                   f"{r['jobs_done']}/{r['jobs']} jobs" + (f"  {r['why']}" if r["why"] else ""))
-        for p in r["problems"]:
-            click.echo(f"            {p}")
+    from rich.console import Console
+
+    show(results_dir, Console(), watch)
 
 
 @click.command()
@@ -393,6 +390,105 @@ def check(archs, datasets, metric_names, benchmark, overrides, benchmarks_file, 
         raise SystemExit(1)
 
 
+@click.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--arch", help="Architecture, when the run has several.")
+@click.option("--seed", type=SEED, help="Training seed of the record (default: the first).")
+@click.option("--prompt", help="Text to continue, in the dataset's tokenizer (synthetic: e.g. 'SET k3 v7 w1 GET k3'); "
+                               "default: the first token of an evaluation document.")
+@click.option("--tokens", "n_tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate.")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="0: greedy.")
+@click.option("--top-k", type=int, help="Sample among the K most likely tokens.")
+@click.option("--top-p", type=float, help="Sample among the most likely tokens holding this much probability.")
+@click.option("--sampling-seed", default=0, show_default=True, type=int, help="Seed of the sampler.")
+@click.option("--stream", is_flag=True, help="Print tokens as they come.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's); one token per "
+                                                             "forward is small work: 1 is often faster.")
+@device_option
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Local data for file-based datasets (as the run had).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache folder (default ~/.cache/lengen).")
+@json_option
+def generate(run_path, arch, seed, prompt, n_tokens, temperature, top_k, top_p, sampling_seed, stream, threads,
+             device, data_dir, cache_dir, as_json):
+    """Generate text with a recorded run's model (RUN: a run folder, a record folder or a
+    record.json), its state carried from token to token."""
+    from lengen.generate import Detokenizer, check_sampling, find_record, generate as gen_tokens, load_model, timed
+
+    check_sampling(temperature, top_k, top_p)
+    h = host()
+    record = find_record(run_path, arch, seed)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    m = load_model(h, record, device=device, data_dir=data_dir, cache_dir=cache_dir)
+    if prompt is not None:
+        if m.encode is None:
+            raise LengenError(f"--prompt: dataset {record['dataset']['name']!r} gives no encoder (Corpus.encode); "
+                              "leave --prompt out to start from an evaluation document")
+        try:
+            ids = list(m.encode(prompt))
+        except ValueError as exc:
+            raise LengenError(f"--prompt: {exc}") from None
+        if not ids:
+            raise LengenError(f"--prompt {prompt!r} encodes to no tokens; give some text")
+    else:
+        ids = [m.start_token]
+    shown = prompt if prompt is not None else (m.decode([m.start_token]) if m.decode else str(m.start_token))
+    detok = Detokenizer(m.decode, ids)
+    out, pieces, seconds = [], [], 0.0
+    if stream and not as_json:
+        click.echo(click.style(shown, dim=True), nl=False)
+    for tok, seconds in timed(gen_tokens(m, ids, n_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         seed=sampling_seed)):
+        out.append(tok)
+        piece = detok.push(tok)
+        pieces.append(piece)
+        if stream and not as_json and piece:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    text = "".join(pieces)
+    who = f"{record['arch']} seed {record['seed']} of {Path(record['_path']).parent.parent.parent.name}"
+    if as_json:
+        click.echo(json.dumps({"arch": record["arch"], "seed": record["seed"], "record": record["_path"],
+                               "prompt": shown, "prompt_ids": ids, "ids": out, "text": text, "seconds": seconds,
+                               "tokens_per_s": len(out) / seconds if seconds else None}, indent=2))
+        return
+    if stream:
+        click.echo()
+    else:
+        click.echo(click.style(shown, dim=True) + text)
+    click.echo(f"{len(out)} tokens in {seconds:.2f} s ({len(out) / max(seconds, 1e-9):,.0f} tokens/s): {who}", err=True)
+
+
+@click.command()
+@click.argument("results", required=False, type=click.Path(path_type=Path))
+@results_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True,
+              help="The HTML file to write.")
+@click.option("--title", help="Title of the report (default: the results folder's name).")
+def report(results, results_dir, out, title):
+    """One self-contained HTML file of a results folder (RESULTS or --results): the sortable
+    leaderboard, paired comparisons, each run's protocol, provenance and plots. Needs no network
+    to view; readable on a phone and in print."""
+    from lengen.progress import phase
+    from lengen.report import write_report
+
+    results_dir = _results_arg(results, results_dir)
+    if not results_dir.is_dir():
+        raise LengenError(f"{results_dir}: no such results folder; give the folder `lengen run --results` wrote to")
+    if out.is_dir():
+        raise LengenError(f"-o {out}: is a folder; give a file name such as {out / 'report.html'}")
+    console = _stderr_console()
+    try:
+        with phase(console, f"writing the report of {results_dir}") as status:
+            path = write_report(results_dir, out, title, progress=status.update)
+    except OSError as exc:
+        raise LengenError(f"-o {out}: cannot write it ({exc.strerror or exc}); give a writable file path") from None
+    click.echo(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB)")
+
+
 @click.group()
 def bench():
     """Benchmarks of cost (speed, memory) against length."""
@@ -451,7 +547,7 @@ def bench_eval_cmd(arch_name, benchmark, overrides, benchmarks_file, lengths, ba
     click.echo(f"medians of {repeats} repeats; memory: {rows[0]['memory_method']} (excludes the weights)")
 
 
-COMMANDS = [run, leaderboard, status, plugins, list_cmd, plot, compare, check, bench]
+COMMANDS = [run, leaderboard, status, plugins, list_cmd, plot, compare, check, bench, generate, report]
 
 
 def make_cli(plugin_host: PluginHost | None = None) -> click.Group:
@@ -468,7 +564,9 @@ def make_cli(plugin_host: PluginHost | None = None) -> click.Group:
         Quick start:
           lengen run --arch sw           train + evaluate on the default 'tiny' suite
           lengen leaderboard             compare every recorded result
-          lengen status                  the runs in results/ and their state
+          lengen status                  the runs in results/ and their state (--watch 10)
+          lengen report -o report.html   a self-contained HTML report to share
+          lengen generate results/RUN    what a trained model writes
           lengen list archs              what can be run
           lengen plugins                 installed plugins and their problems
         """
@@ -482,6 +580,13 @@ def make_cli(plugin_host: PluginHost | None = None) -> click.Group:
 
 # ---------------------------------------------------------------------------------------
 # helpers
+
+
+def _results_arg(results: Path | None, results_dir: Path) -> Path:
+    """The results folder given as an argument or with --results (not two different ones)."""
+    if results is not None and results_dir != Path("results") and results != results_dir:
+        raise LengenError(f"two results folders given ({results} and --results {results_dir}); give one")
+    return results if results is not None else results_dir
 
 
 def _records_from(paths) -> list[dict]:

@@ -44,6 +44,7 @@ class RunContext:
     heartbeat: Any = None  # lengen.runner.Heartbeat
     calibration: np.ndarray | None = None  # training-split sequences for Architecture.calibrate
     dist: Any = None  # lengen.dist.Dist: this process's rank among the run's processes
+    watch: Any = None  # lengen.runner.JobWatch: every step and checkpoint, to the heartbeat and trackers
 
     def notify(self, hook: str, event) -> None:
         """Tell the observers (from the main process only)."""
@@ -96,6 +97,8 @@ class Checkpoints:
         self.sums.append(position_sums(ev.scores, ctx.mctx))
         ctx.notify("lengen_checkpoint_evaluated", events.CheckpointEvaluated(
             ctx.run_dir, ctx.suite.name, self.comp.name, self.seed, step, entry["metrics"], model))
+        if ctx.watch is not None:
+            ctx.watch.checkpoint(step, entry["metrics"])
         return self.stopper.update(step, entry["metrics"]) if self.stopper else False
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
@@ -164,6 +167,8 @@ def run_job(ctx: RunContext, comp: Component, seed: int) -> list[Path]:
         def on_step(step, info):
             progress.update(task, completed=step, info=f"loss {info['loss']:.3f}  {info['tokens_per_s']:,.0f} tok/s")
             beat(phase="training", step=step, steps=suite.train.steps, loss=info["loss"])
+            if ctx.watch is not None:
+                ctx.watch.step(step, info)
 
         save_dir = record_dir(ctx.run_dir, comp.name, seed) / "checkpoints"
         result = train(model, arch, comp.config, ctx.corpus.train.tokens, suite.train, window=W, seed=seed,

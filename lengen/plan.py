@@ -41,6 +41,7 @@ class RunRequest:
     device: str = "auto"
     plot: bool = True
     check: bool = True  # run the causality check on architectures not seen passing before
+    log_with: list[str] = field(default_factory=list)  # experiment trackers (lengen.trackers)
 
 
 @dataclass

@@ -2,9 +2,15 @@
 
 Which plots exist is what the records' metrics declared (:class:`lengen.api.PlotSpec`): one
 per declared series, one curve per (architecture, mode) with its interval band; values a
-metric declared as a ``reference`` for a plot are drawn on it as grey lines. The core adds
-one plot of its own, ``evolution``: a checkpoint-tracked series at every checkpoint. Every
-plot puts x in multiples of W on a log scale and marks W.
+metric declared as a ``reference`` for a plot are drawn on it as grey lines. The y axis is
+scaled to the curves and their bands, so the architectures being compared fill it; a
+reference line outside that range is marked at the edge with its value instead of
+stretching the axis. Every such plot puts x in multiples of W on a log scale and marks W.
+
+The core adds two plots of its own: ``evolution`` (a checkpoint-tracked series at every
+checkpoint) and ``training`` (the training curves recorded every few steps: the language-
+modelling loss, each auxiliary loss and the learning rate against the step, every
+(architecture, seed) overlaid).
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from lengen.results import atomic_save, record_plots, record_specs
 
 EVOLUTION = "evolution"
 EVOLUTION_FILE = "evolution.png"
+TRAINING = "training"
+TRAINING_FILE = "training.png"
+#: fraction of the curves' range added above and below them
+Y_PAD = 0.06
 
 
 def _plt():
@@ -39,8 +49,9 @@ def plot_specs(records: list[dict]) -> dict[str, PlotSpec]:
 
 
 def plot_kinds(records: list[dict]) -> dict[str, str]:
-    """``kind -> file name`` of every plot the records can have, evolution included."""
-    return {**{k: p.filename for k, p in plot_specs(records).items()}, EVOLUTION: EVOLUTION_FILE}
+    """``kind -> file name`` of every plot the records can have, the core's included."""
+    return {**{k: p.filename for k, p in plot_specs(records).items()}, EVOLUTION: EVOLUTION_FILE,
+            TRAINING: TRAINING_FILE}
 
 
 def default_kind(records: list[dict]) -> str:
@@ -111,6 +122,7 @@ def plot_curves(records: list[dict], path: Path, spec: PlotSpec, title: str | No
     if not groups:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    spans = []
     for label, curves in groups.items():
         s = _series_mean(curves)
         if s is None:
@@ -120,18 +132,90 @@ def plot_curves(records: list[dict], path: Path, spec: PlotSpec, title: str | No
         line, = ax.plot(x, y, marker="o" if len(x) <= 40 else None, ms=3, lw=1.6,
                         label=label + (f", {n} seeds" if n > 1 else ""))
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-    first = records[0]
-    for (text, pts), style in zip(_references(first, spec.kind), (":", "--", "-.")):
-        ax.plot(*zip(*pts), style, color="grey", lw=1, label=f"{text} (at k x W)")
+        spans += [y, lo, hi]
     _mark_w(ax)
     ax.set_xscale("log")
     if spec.log_y:
         ax.set_yscale("log")
+    limits = y_limits(spans, spec.log_y)
+    if limits is not None:
+        ax.set_ylim(*limits)
+    first = records[0]
+    for (text, pts), style in zip(_references(first, spec.kind), (":", "--", "-.")):
+        _reference_line(ax, text, pts, style, limits)
     ax.set_xlabel(spec.xlabel)
     ax.set_ylabel(spec.ylabel)
     ax.set_title(title or f"{first['benchmark']}: {spec.title or spec.ylabel} (W = {first['protocol']['window']})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def y_limits(arrays, log: bool = False, pad: float = Y_PAD) -> tuple[float, float] | None:
+    """The y range of the curves and their bands (finite values only), padded by ``pad`` of
+    the range on each side (in log space on a log axis); None when there is nothing to show."""
+    vals = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays]) if arrays else np.array([])
+    vals = vals[np.isfinite(vals) & ((vals > 0) if log else True)]
+    if not len(vals):
+        return None
+    lo, hi = float(vals.min()), float(vals.max())
+    if log:
+        llo, lhi = np.log10(lo), np.log10(hi)
+        span = (lhi - llo) or 0.05
+        return 10 ** (llo - pad * span), 10 ** (lhi + pad * span)
+    span = (hi - lo) or max(abs(hi) * 0.05, 1e-9)
+    return lo - pad * span, hi + pad * span
+
+
+def _reference_line(ax, text: str, pts, style: str, limits) -> None:
+    """A grey reference line; where its values fall outside the axes, a marker at that edge and
+    the values in the legend, so that the reference does not squeeze the curves."""
+    xs, ys = zip(*pts)
+    lo, hi = limits if limits is not None else (-np.inf, np.inf)
+    outside = [(x, y) for x, y in pts if not lo <= y <= hi]
+    label = f"{text} (at k x W)"
+    if outside:
+        where = "above" if all(y > hi for _x, y in outside) else "below" if all(y < lo for _x, y in outside) \
+            else "outside"
+        shown = ", ".join(f"{y:.3g}" for _x, y in outside[:3]) + (", ..." if len(outside) > 3 else "")
+        label += f"; {where} the axes: {shown}"
+    ax.plot(xs, ys, style, color="grey", lw=1, label=label)
+    for x, y in outside:  # the legend gives the values
+        top = y > hi
+        ax.plot([x], [1.0 if top else 0.0], "^" if top else "v", color="grey", ms=6, clip_on=False,
+                transform=ax.get_xaxis_transform())
+
+
+def plot_training(records: list[dict], path: Path, title: str | None = None) -> Path | None:
+    """Training curves (``record["train"]["losses"]``): the language-modelling loss, each
+    auxiliary loss and the learning rate against the step, every (architecture, seed) a line."""
+    plt = _plt()
+    with_losses = [r for r in records if (r.get("train") or {}).get("losses")]
+    if not with_losses:
+        return None
+    reserved = {"step", "loss", "lr"}
+    aux = list(dict.fromkeys(k for r in with_losses for e in r["train"]["losses"] for k in e if k not in reserved))
+    panels = ["loss", *aux, "lr"]
+    labels = [f"{r['arch']} seed {r['seed']}" for r in with_losses]
+    if len(set(labels)) < len(labels):  # the same job in several runs: name the runs
+        labels = [f"{lab} ({r.get('run_id', '?')})" for lab, r in zip(labels, with_losses)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 + 1.9 * len(panels)), dpi=120, squeeze=False,
+                             sharex=True, gridspec_kw={"height_ratios": [2.2] + [1] * (len(panels) - 1)})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (r, label) in enumerate(zip(with_losses, labels)):
+        entries = r["train"]["losses"]
+        for ax, key in zip(axes[:, 0], panels):
+            pts = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), lw=1.3, color=colours[i % len(colours)], label=label)
+    names = {"loss": "LM loss (nats/token)", "lr": "learning rate"}
+    for ax, key in zip(axes[:, 0], panels):
+        ax.set_ylabel(names.get(key, f"{key} (aux)"), fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    axes[-1, 0].set_xlabel("optimizer step")
+    first = with_losses[0]
+    fig.suptitle(title or f"{first['benchmark']}: training (W = {first.get('protocol', {}).get('window')})")
     return _save(fig, path)
 
 
@@ -173,6 +257,8 @@ def plot_evolution(records: list[dict], path: Path, title: str | None = None) ->
 def plot(records: list[dict], path: Path, kind: str) -> Path | None:
     if kind == EVOLUTION:
         return plot_evolution(records, path)
+    if kind == TRAINING:
+        return plot_training(records, path)
     spec = plot_specs(records).get(kind)
     return plot_curves(records, path, spec) if spec is not None else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -95,13 +96,17 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None, resume:
     from rich.markup import escape
 
     from lengen.dist import Dist
-    from lengen.job import run_job
+    from lengen.job import checkpoint_steps, run_job
     from lengen.provenance import provenance
+    from lengen.results import read_record
+    from lengen.trackers import Trackers, parse_log_with
     from lengen.train import make_accelerator
 
     suite = plan.suite
+    log_with = parse_log_with(req.log_with)
     accelerator, precision = make_accelerator(req.device, suite.train.precision,
-                                              find_unused=suite.train.state_passing)
+                                              find_unused=suite.train.state_passing,
+                                              **Trackers.accelerator_kwargs(log_with, req.results_dir))
     dist = Dist.of(accelerator)
     if suite.train.batch_size % dist.world:
         raise ConfigError(f"train.batch_size = {suite.train.batch_size} must be divisible by the number of processes "
@@ -128,8 +133,12 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None, resume:
             "run_id": run_dir.name, "status": "running", "benchmark": suite.name,
             "archs": [a.name for a in plan.archs], "seeds": plan.seeds, "started": time.time(),
             "suite": suite.model_dump(mode="json"), "suite_hash": suite.hash(), "request": request_dict(req),
-            "provenance": prov, "jobs": jobs,
+            "provenance": prov, "jobs": jobs, "log_with": log_with,
+            # what the metrics declared about their outputs, for `lengen status` before any record exists
+            "metric_plugins": {m.name: {"outputs": [o.as_dict() for o in m.obj.outputs]} for m in plan.metrics},
         }
+    trackers = Trackers(accelerator, log_with, run_dir, run_dir.name, suite,
+                        say=lambda message: console.print(escape(message), soft_wrap=True))
     heartbeat = Heartbeat(run_dir, enabled=dist.main)
     run_info.update(heartbeat.base)
     save = (lambda: atomic_write_json(run_dir / RUN, run_info)) if dist.main else (lambda: None)
@@ -143,6 +152,10 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None, resume:
     try:
         ctx = _prepare(host, plan, console, accelerator, run_dir, run_info, prov)
         ctx.heartbeat, ctx.dist = heartbeat, dist
+        ctx.watch = JobWatch(heartbeat, trackers)
+        plotted = None  # the records the run's plots were last drawn from
+        n_checkpoints = len(checkpoint_steps(suite.train.steps, suite.eval.checkpoints)) if (
+            {"full", "window"} & set(suite.eval.modes)) else 0
         for comp in plan.archs:
             for seed in plan.seeds:
                 job = next(j for j in jobs if j["arch"] == comp.name and j["seed"] == seed)
@@ -151,10 +164,14 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None, resume:
                 job.update(status="running", started=time.time(), error=None)
                 save()
                 heartbeat.beat(force=True, job=f"{comp.name} seed {seed}", phase="building", step=0,
-                               steps=suite.train.steps)
+                               steps=suite.train.steps, job_started=time.time(), loss=None, tokens_per_s=None,
+                               checkpoints=n_checkpoints, checkpoints_done=0, metrics={})
+                paths: list[Path] = []
                 try:
-                    paths = [str(p.relative_to(run_dir)) for p in run_job(ctx, comp, seed)]
-                    job.update(status="finished", record=paths[0], records=paths, step=heartbeat.state.get("step"))
+                    trackers.start_job(comp.name, seed, comp.config.model_dump(mode="json"))
+                    paths = run_job(ctx, comp, seed)
+                    rel = [str(p.relative_to(run_dir)) for p in paths]
+                    job.update(status="finished", record=rel[0], records=rel, step=heartbeat.state.get("step"))
                 except TrainingDivergedError as exc:
                     job.update(status="diverged", step=exc.step, error=str(exc))
                     console.print(f"[red]diverged:[/red] {escape(str(exc))}")
@@ -169,15 +186,20 @@ def execute(host: PluginHost, req: RunRequest, plan: Plan, console=None, resume:
                     job.update(status="failed", step=heartbeat.state.get("step"),
                                error=f"{type(exc).__name__}: {exc} (traceback in {trace.relative_to(run_dir)})")
                     console.print(f"[red]failed:[/red] {comp.name} seed {seed}: {escape(job['error'])}")
+                finally:
+                    if trackers.job:  # the record and the plots so far go to the job's tracker run
+                        record = read_record(paths[0]) if paths and dist.main else None
+                        plots = []
+                        if req.plot and record:
+                            plotted = [run_dir / r for j in jobs if j["status"] == "finished" for r in j["records"]]
+                            plots = _plots(console, [r for r in map(read_record, plotted) if r], run_dir)
+                        trackers.end_job(record, paths[0] if paths else None, plots)
                 job["wall_s"] = job.get("wall_s", 0.0) + time.time() - job["started"]
                 save()
         job = None
         finished = [run_dir / r for j in jobs if j["status"] == "finished" for r in j["records"]]
-        if req.plot and finished and dist.main:
-            from lengen.plots import write_run_plots
-            from lengen.results import read_record
-
-            write_run_plots([r for r in map(read_record, finished) if r], run_dir)
+        if req.plot and finished and finished != plotted and dist.main:
+            _plots(console, [r for r in map(read_record, finished) if r], run_dir)
         states = {j["status"] for j in jobs}
         status = "failed" if "failed" in states else "diverged" if "diverged" in states else "finished"
     except KeyboardInterrupt as exc:
@@ -245,10 +267,11 @@ def _prepare(host, plan: Plan, console, accelerator, run_dir, run_info, prov):
     """Load the dataset, cut the evaluation sequences, let metrics annotate them."""
     from lengen.evaluate import eval_sequences
     from lengen.job import RunContext
+    from lengen.progress import phase
 
     suite = plan.suite
     t0 = time.perf_counter()
-    with console.status(f"loading dataset {suite.dataset!r}") as spinner:
+    with phase(console, f"loading dataset {suite.dataset!r}") as spinner:
         corpus = plan.dataset.obj.load(plan.dataset.config,
                                        replace(plan.data_ctx, progress=lambda message: spinner.update(message)))
     load_s = time.perf_counter() - t0
@@ -300,5 +323,40 @@ def calibration_sequences(train, suite) -> np.ndarray:
     return seqs
 
 
+def _plots(console, records: list[dict], run_dir: Path) -> list[Path]:
+    from lengen.plots import write_run_plots
+    from lengen.progress import phase
+
+    with phase(console, "writing plots"):
+        return write_run_plots(records, run_dir)
+
+
+class JobWatch:
+    """What a job reports as it goes (``RunContext.watch``): every optimizer step and every
+    evaluated checkpoint, to the heartbeat (what ``lengen status`` shows) and the trackers."""
+
+    def __init__(self, heartbeat: Heartbeat, trackers):
+        self.heartbeat, self.trackers = heartbeat, trackers
+
+    def step(self, step: int, info: dict) -> None:
+        self.heartbeat.beat(tokens_per_s=info.get("tokens_per_s"))
+        self.trackers.log_step(step, info)
+
+    def checkpoint(self, step: int, metrics: dict) -> None:
+        values = {k: v.get("value") for k, v in metrics.items() if isinstance(v, dict)}
+        done = self.heartbeat.state.get("checkpoints_done", 0) + 1
+        self.heartbeat.beat(force=True, checkpoints_done=done, metrics=values, metrics_step=step)
+        self.trackers.log_checkpoint(step, metrics)
+
+
 def run(host: PluginHost, req: RunRequest, console=None) -> RunOutcome:
-    return execute(host, req, plan_run(host, req), console)
+    from rich.console import Console
+
+    from lengen.progress import phase
+    from lengen.trackers import parse_log_with
+
+    console = console or Console(stderr=True)
+    parse_log_with(req.log_with)  # a missing tracker package is said before any work
+    with phase(console, f"checking suite {req.benchmark!r} and its components"):
+        plan = plan_run(host, req)
+    return execute(host, req, plan, console)

@@ -122,12 +122,13 @@ class WindowBatches:
         self.gen.set_state(state["generator"])
 
 
-def make_accelerator(device: str, precision: str, find_unused: bool = False):
+def make_accelerator(device: str, precision: str, find_unused: bool = False, **accelerator_kwargs):
     """An ``accelerate.Accelerator`` for ``--device`` (auto, cpu, cuda) and ``train.precision``
     (auto: bf16 on a GPU that supports it, else fp32); returns it and the precision used.
 
     ``find_unused``: under several processes, let DDP find parameters a forward did not use
-    (with state passing, a model's initial state is used only on the steps that reset it)."""
+    (with state passing, a model's initial state is used only on the steps that reset it).
+    ``accelerator_kwargs`` go to ``Accelerator`` (the trackers: ``log_with``, ``project_config``)."""
     import warnings
 
     from accelerate import Accelerator
@@ -145,7 +146,7 @@ def make_accelerator(device: str, precision: str, find_unused: bool = False):
         precision = "fp32"
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused else []
-    return Accelerator(cpu=use_cpu, mixed_precision=mixed, kwargs_handlers=handlers), precision
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed, kwargs_handlers=handlers, **accelerator_kwargs), precision
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -143,7 +143,9 @@ def test_window_longer_than_data_is_refused(tmp_path):
 def test_help_and_plugins_do_not_import_torch():
     code = ("import sys\nfrom click.testing import CliRunner\nfrom lengen.cli import make_cli\n"
             "cli = make_cli()\n"
-            "for args in (['--help'], ['plugins'], ['list', 'archs'], ['leaderboard', '--results', '/nonexistent']):\n"
+            "for args in (['--help'], ['plugins'], ['list', 'archs'], ['leaderboard', '--results', '/nonexistent'],\n"
+            "             ['status', '/nonexistent'], ['status', '--json', '--results', '/nonexistent'],\n"
+            "             ['generate', '--help'], ['report', '--help']):\n"
             "    r = CliRunner().invoke(cli, args)\n"
             "    assert r.exit_code == 0, (args, r.output)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")

@@ -128,6 +128,10 @@ def test_a_run_whose_process_is_gone_is_shown_terminated(tmp_path):
         proc.communicate()[0]
     (run_dir,) = list(results.iterdir())
     assert run_state(run_dir)[0] == "running"
+    (row,) = json.loads(invoke(["status", str(results), "--json"]).output)  # the live run, as status sees it
+    assert (row["state"], row["jobs_done"], row["jobs_to_do"]) == ("running", 0, 1)
+    assert row["current"]["job"] == "sw seed 0" and row["current"]["steps"] == 100000
+    assert row["current"]["heartbeat_age_s"] < 60
     proc.kill()  # SIGKILL: no chance to write anything
     proc.communicate(timeout=60)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # what the dead process left

@@ -48,7 +48,7 @@ class PositionPerplexity(Metric):
     Config = PerplexityConfig
     perfect = {"ppl@1W": 1.0, "ppl": 1.0}
     outputs = (
-        OutputSpec("ppl@*W", better="lower", leaderboard=True, table="all", checkpoint=True,
+        OutputSpec("ppl@*W", better="lower", leaderboard=True, table="all", checkpoint=True, status=("1W", "10W"),
                    note="ppl@kW: perplexity of the bucket of tokens ending at position k x W."),
         OutputSpec("ppl_ratio@*W", leaderboard=True, table="last", checkpoint=True, header="ratio {x}/1W", digits=3),
         OutputSpec("horizon", leaderboard=True, table="all", checkpoint=True),

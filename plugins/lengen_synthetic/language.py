@@ -97,6 +97,26 @@ class Language:
                 out.append(f"w{t - N_SPECIAL - c.n_keys - c.n_values}")
         return " ".join(out)
 
+    def encode(self, text: str) -> list[int]:
+        """The inverse of :meth:`decode`: ``"<bos> SET k3 v5 w12"`` -> token ids. A word outside
+        the vocabulary is a ``ValueError`` naming it and the words there are."""
+        c = self.cfg
+        ranges = {"k": (c.n_keys, self.key_token), "v": (c.n_values, self.value_token),
+                  "w": (c.n_filler, self.filler_token)}
+        special = {"<bos>": BOS, "SET": SET, "GET": GET}
+        out = []
+        for word in text.split():
+            if word in special:
+                out.append(special[word])
+                continue
+            n, token = ranges.get(word[:1], (0, None))
+            if token is None or not word[1:].isdigit() or int(word[1:]) >= n:
+                raise ValueError(
+                    f"{word!r} is not a word of this synthetic language; its words are <bos>, SET, GET, "
+                    f"k0..k{c.n_keys - 1} (keys), v0..v{c.n_values - 1} (values), w0..w{c.n_filler - 1} (filler)")
+            out.append(token(int(word[1:])))
+        return out
+
 
 def make_language(cfg: SyntheticConfig, seed: int) -> Language:
     """Draw the filler chain: each context (a, b) gets ``branching`` distinct successors,
@@ -248,4 +268,5 @@ class SyntheticLanguage(Dataset):
             info={"doc_length": doc_len, "train_docs": n_train, "eval_docs": n_eval,
                   "chance_recall": 1.0 / config.n_values},
             decode=lang.decode,
+            encode=lang.encode,
         )

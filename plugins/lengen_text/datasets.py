@@ -203,12 +203,23 @@ class _Decode:
     def __init__(self, tok=None, path: Path | None = None):
         self.tok, self.path = tok, path
 
-    def __call__(self, ids) -> str:
+    def tokenizer(self):
         if self.tok is None:
             from tokenizers import Tokenizer
 
             self.tok = Tokenizer.from_file(str(self.path))
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.tok
+
+    def __call__(self, ids) -> str:
+        return self.tokenizer().decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class _Encode(_Decode):
+    """``Corpus.encode``: text -> token ids (no special tokens added; the tokenizer is read on
+    first use)."""
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self.tokenizer().encode(text, add_special_tokens=False).ids)
 
 
 def build_corpus(dataset: str, version: str, cfg: TextConfigBase, ctx: DataContext, src: Source,
@@ -224,18 +235,18 @@ def build_corpus(dataset: str, version: str, cfg: TextConfigBase, ctx: DataConte
     hit = cache.load(ctx.cache_dir, key)
     if hit is not None:
         meta, arrays, tok_path = hit
-        decode = _Decode(path=tok_path)
+        decode, encode = _Decode(path=tok_path), _Encode(path=tok_path)
     else:
         meta, arrays, tok = _build(dataset, cfg, ctx, src, tcfg, key_inputs, seeded)
         cache.save(ctx.cache_dir, key, meta, arrays, tok.to_str(), meta["vocab_size"])
-        decode = _Decode(tok=tok)
+        decode, encode = _Decode(tok=tok), _Encode(tok=tok)
     train = Split(arrays["train_tokens"], arrays["train_doc_starts"])
     ev = Split(arrays["eval_tokens"], arrays["eval_doc_starts"])
     info = {**meta["info"], "cache": "hit" if hit is not None else "miss", "cache_key": key,
             "eval_documents": _eval_doc_counts(ev, ctx.eval_length)}
     hygiene.check(info["overlap"], cfg.overlap_warn, f"dataset {dataset!r}")
     return Corpus(train=train, eval=ev, vocab_size=meta["vocab_size"], fingerprint=meta["fingerprint"],
-                  tokenizer=meta["tokenizer"], info=info, decode=decode)
+                  tokenizer=meta["tokenizer"], info=info, decode=decode, encode=encode)
 
 
 def _build(dataset, cfg, ctx, src: Source, tcfg, key_inputs, seeded):
