@@ -242,6 +242,19 @@ def test_config_errors():
         CMSConfig(periods=[1, 16], surprise_weights=[0.1, 0.1, 0.1])
 
 
+def test_a_group_schedule_must_be_positive():
+    from lengen.api import ParamGroup
+    from lengen.errors import ConfigError
+
+    class Bad(CMS):
+        def param_groups(self, model, config):
+            return [ParamGroup(list(model.parameters()), name="all", update_every=2, offset=-1)]
+
+    model, config = build()
+    with pytest.raises(ConfigError, match="param group 'all' needs an integer update_every >= 1 and an offset >= 0"):
+        T.train(model, Bad(), config, TOKENS, spec(steps=1), window=W, seed=0, accelerator=Accelerator(cpu=True))
+
+
 def test_flops_per_token_counts_the_matrix_products():
     model, config = build(preset="seed", d_model=None, hidden=None, d_ff=None)
     parts = CMS().flops_per_token(model, config, 64)
