@@ -18,10 +18,11 @@ def _label(k: float) -> str:
 def _check_same_tokens(a: dict, b: dict) -> None:
     fa, fb = a["dataset"]["fingerprint"], b["dataset"]["fingerprint"]
     pa, pb = a["protocol"], b["protocol"]
-    if fa != fb or pa["eval_length"] != pb["eval_length"] or a["dataset"]["eval_sequences"] != b["dataset"]["eval_sequences"]:
+    if (fa != fb or pa["eval_length"] != pb["eval_length"] or pa.get("doc_policy") != pb.get("doc_policy")
+            or a["dataset"]["eval_sequences"] != b["dataset"]["eval_sequences"]):
         raise LengenError(
             f"{a['arch']} and {b['arch']} were not evaluated on the same tokens (dataset fingerprint, "
-            "evaluation length or sequence count differ); compare runs of the same suite")
+            "evaluation length, sequence policy or count differ); compare runs of the same suite")
     if pa["positions"] != pb["positions"] or pa["bucket"] != pb["bucket"]:
         raise LengenError("the two records report different positions or buckets; compare runs of the same suite")
 
