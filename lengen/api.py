@@ -85,7 +85,9 @@ class ParamGroup:
     ``update_every=n`` sums this group's gradients over ``n`` optimizer steps and applies the
     sum on steps n, 2n, ... (1-based) with an optimizer of its own, whose moments advance only
     on those steps (the CMS-LSTM's slow levels); ``lr_scale`` multiplies the benchmark's
-    learning rate; ``weight_decay=None`` keeps the benchmark's value. The groups must hold
+    learning rate; ``weight_decay=None`` keeps the benchmark's value. ``offset=k`` shifts the
+    schedule to steps k + n, k + 2n, ... (the gradients of the first k steps join the first
+    update; ``offset=1`` is a 0-indexed schedule that skips step 0). The groups must hold
     every trainable parameter exactly once.
     """
 
@@ -94,6 +96,7 @@ class ParamGroup:
     lr_scale: float = 1.0
     weight_decay: float | None = None
     update_every: int = 1
+    offset: int = 0
 
 
 @dataclass

@@ -104,7 +104,8 @@ def _shared_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizers and pending summed gradients: identical on every process."""
     tensors: dict[str, torch.Tensor] = {}
     opts = {}
-    for every, opt in trainer.opts.items():
+    for period, opt in trainer.opts.items():
+        every = _name(period)
         sd = opt.state_dict()
         values = {}
         for idx, st in sd["state"].items():
@@ -121,7 +122,8 @@ def _shared_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _load_shared(trainer, tensors: dict[str, torch.Tensor], shared: dict) -> None:
-    for every, opt in trainer.opts.items():
+    for period, opt in trainer.opts.items():
+        every = _name(period)
         saved = shared["optimizers"][str(every)]
         state: dict[int, dict[str, Any]] = {}
         for idx in saved["indices"]:
@@ -140,6 +142,11 @@ def _load_shared(trainer, tensors: dict[str, torch.Tensor], shared: dict) -> Non
         p.grad = None if g is None else g.to(device=device, dtype=p.dtype).clone()
     trainer.done = int(shared["step"])
     trainer.grad_norms = dict(shared.get("grad_norms", {}))
+
+
+def _name(period) -> str:
+    """An optimizer's key (its update period, and offset) as a name: ``(16, 0)`` -> ``16-0``."""
+    return "-".join(map(str, period)) if isinstance(period, tuple) else str(period)
 
 
 def _rank_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:

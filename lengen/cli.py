@@ -333,20 +333,32 @@ def compare(runs, archs, mode, seed, as_json):
 
     records = _records_from(runs)
     names = list(archs) or list(dict.fromkeys(r["arch"] for r in records))[:2]
+    if len(names) == 1 and len(runs) == 2:
+        names = names * 2  # one architecture in two runs (a suite and its ablation)
     if len(names) != 2:
         raise LengenError(f"need two architectures to compare, found {names}; pass --arch A --arch B")
-    a, b = _pick(records, names[0], seed), _pick(records, names[1], seed)
-    result = {"a": names[0], "b": names[1], "mode": mode, "final": paired_ratios(a, b, mode)}
+    if names[0] == names[1]:
+        if len(runs) != 2:
+            raise LengenError(f"to compare {names[0]!r} with itself, give two runs (a suite and its ablation): "
+                              f"lengen compare RUN_A RUN_B --arch {names[0]}")
+        a, b = _pick(_records_from(runs[:1]), names[0], seed), _pick(_records_from(runs[1:]), names[1], seed)
+        where = ((a["benchmark"], b["benchmark"]) if a["benchmark"] != b["benchmark"]
+                 else (Path(runs[0]).resolve().name, Path(runs[1]).resolve().name))
+        labels = [f"{names[0]} ({where[0]})", f"{names[1]} ({where[1]})"]
+    else:
+        a, b = _pick(records, names[0], seed), _pick(records, names[1], seed)
+        labels = names
+    result = {"a": labels[0], "b": labels[1], "mode": mode, "final": paired_ratios(a, b, mode, names=labels)}
     if a.get("checkpoints") and b.get("checkpoints"):
         rows = checkpoint_ratios(a, b)
         result["checkpoints"] = rows
-        result["crossovers"] = crossovers(rows, names[0], names[1])
+        result["crossovers"] = crossovers(rows, labels[0], labels[1])
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     from rich.console import Console
 
-    _print_comparison(Console(), [a, b], names[0], names[1], result)
+    _print_comparison(Console(), [a, b], labels[0], labels[1], result)
 
 
 @click.command()

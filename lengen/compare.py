@@ -18,17 +18,21 @@ def _label(k: float) -> str:
 def _check_same_tokens(a: dict, b: dict) -> None:
     fa, fb = a["dataset"]["fingerprint"], b["dataset"]["fingerprint"]
     pa, pb = a["protocol"], b["protocol"]
-    if fa != fb or pa["eval_length"] != pb["eval_length"] or a["dataset"]["eval_sequences"] != b["dataset"]["eval_sequences"]:
+    if (fa != fb or pa["eval_length"] != pb["eval_length"] or pa.get("doc_policy") != pb.get("doc_policy")
+            or a["dataset"]["eval_sequences"] != b["dataset"]["eval_sequences"]):
         raise LengenError(
             f"{a['arch']} and {b['arch']} were not evaluated on the same tokens (dataset fingerprint, "
-            "evaluation length or sequence count differ); compare runs of the same suite")
+            "evaluation length, sequence policy or count differ); compare runs of the same suite")
     if pa["positions"] != pb["positions"] or pa["bucket"] != pb["bucket"]:
         raise LengenError("the two records report different positions or buckets; compare runs of the same suite")
 
 
-def paired_ratios(a: dict, b: dict, mode: str = "full", *, samples: int = 1000, confidence: float = 0.95) -> list[dict]:
+def paired_ratios(a: dict, b: dict, mode: str = "full", *, samples: int = 1000, confidence: float = 0.95,
+                  names: tuple[str, str] | list[str] | None = None) -> list[dict]:
     """``ppl_A / ppl_B`` at each position on the same sequences, with a paired bootstrap
-    interval. Below 1: A predicts better."""
+    interval. Below 1: A predicts better. ``names``: how the verdicts name A and B (default:
+    their architectures)."""
+    name_a, name_b = names or (a["arch"], b["arch"])
     _check_same_tokens(a, b)
     sa, sb = (np.load(Path(r["_path"]).parent / f"scores-{mode}.npz") for r in (a, b))
     sums_a, sums_b = sa["position_sums"], sb["position_sums"]
@@ -38,7 +42,7 @@ def paired_ratios(a: dict, b: dict, mode: str = "full", *, samples: int = 1000, 
         n = np.full(len(sums_a), bucket)
         v = bootstrap_ppl_ratio(sums_a[:, i], n, sums_b[:, i], n, samples=samples, confidence=confidence, seed=i)
         out.append({"position": _label(k), "ratio": v.value, "ci_low": v.ci_low, "ci_high": v.ci_high,
-                    "verdict": verdict(v.ci_low, v.ci_high, a["arch"], b["arch"])})
+                    "verdict": verdict(v.ci_low, v.ci_high, name_a, name_b)})
     return out
 
 

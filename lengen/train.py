@@ -218,6 +218,9 @@ def check_groups(model: torch.nn.Module, groups: list[ParamGroup], who: str) -> 
     for g in groups:
         for p in g.params:
             count[id(p)] = count.get(id(p), 0) + 1
+    bad = [g.name for g in groups if int(g.update_every) != g.update_every or g.update_every < 1 or g.offset < 0]
+    if bad:
+        raise ConfigError(f"{who}: param group {bad[0]!r} needs an integer update_every >= 1 and an offset >= 0")
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in count]
     twice = [names.get(i, "?") for i, c in count.items() if c > 1]
     foreign = [i for i in count if i not in names]
@@ -236,8 +239,9 @@ class Trainer:
     Parameter groups (``Architecture.param_groups``, else weight decay on matrices only) get
     one AdamW per update period, so a group's Adam moments advance only on its own updates.
     A group with ``update_every = n`` **sums** its gradients over n steps and its optimizer
-    steps on steps n, 2n, ... (1-based): the Nested Learning rule. Clipping (``train.clip``)
-    applies to each optimizer's gradient when it steps."""
+    steps on steps n, 2n, ... (1-based): the Nested Learning rule (``offset = k``: steps
+    k + n, k + 2n, ...). Clipping (``train.clip``) applies to each optimizer's gradient when
+    it steps."""
 
     def __init__(self, model, arch: Architecture, config: ArchConfig, tokens: np.ndarray, spec: TrainSpec, *,
                  window: int, seed: int, accelerator, doc_starts: np.ndarray | None = None, label: str = ""):
@@ -250,11 +254,11 @@ class Trainer:
         self.groups = arch.param_groups(model, config) or default_param_groups(model)
         check_groups(model, self.groups, f"architecture {label.split(' seed')[0] or type(arch).__name__!r}")
         optimizers = {}
-        for every in sorted({g.update_every for g in self.groups}):
+        for period in sorted({(g.update_every, g.offset) for g in self.groups}):  # (every, offset)
             pgs = [{"params": g.params, "name": g.name, "lr": spec.lr * g.lr_scale, "lr_scale": g.lr_scale,
                     "weight_decay": spec.weight_decay if g.weight_decay is None else g.weight_decay}
-                   for g in self.groups if g.update_every == every and g.params]
-            optimizers[every] = adamw(pgs, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+                   for g in self.groups if (g.update_every, g.offset) == period and g.params]
+            optimizers[period] = adamw(pgs, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
         if spec.compile:
             model = torch.compile(model)
         prepared = accelerator.prepare(model, *optimizers.values())
@@ -314,10 +318,10 @@ class Trainer:
                 f"{self.label or 'training'}: the loss became {lm_total} at step {step + 1} (seed {self.seed}); "
                 f"lower train.lr (now {spec.lr}) or keep train.clip > 0 (now {spec.clip})", step=step + 1)
         factor = lr_factor(step, spec)
-        for every, opt in self.opts.items():
-            if (step + 1) % every:
+        for (every, offset), opt in self.opts.items():
+            if step + 1 <= offset or (step + 1 - offset) % every:
                 continue  # this period's groups keep summing their gradients
-            if measure_norms or every > 1:
+            if measure_norms or every > 1 or offset:
                 for g in opt.param_groups:
                     grads = [p.grad.detach().float().norm() for p in g["params"] if p.grad is not None]
                     self.grad_norms[g["name"]] = float(torch.stack(grads).norm()) if grads else 0.0
@@ -334,9 +338,10 @@ class Trainer:
     def pending(self) -> list[dict]:
         """Groups holding summed gradients their optimizer has not applied yet."""
         out = []
-        for every, opt in self.opts.items():
-            k = self.done % every
-            if every > 1 and k:
+        for (every, offset), opt in self.opts.items():
+            since = self.done - offset
+            k = since % every if since >= every else self.done  # steps since its last update (or all)
+            if k:
                 out += [{"group": g["name"], "update_every": every, "pending_steps": k} for g in opt.param_groups]
         return out
 
@@ -442,7 +447,7 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
         doc_policy=trainer.batches[0].policy,
         losses=losses,
         groups=[{"name": g.name, "params": sum(p.numel() for p in g.params), "lr_scale": g.lr_scale,
-                 "update_every": g.update_every} for g in trainer.groups],
+                 "update_every": g.update_every, "offset": g.offset} for g in trainer.groups],
         pending=pending,
         processes=trainer.dist.world,
         resumed_from=resumed_from,

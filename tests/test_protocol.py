@@ -174,6 +174,13 @@ def test_same_seed_same_numbers(tmp_path):
     (a,), (b,) = records(tmp_path / "a"), records(tmp_path / "b")
     assert a["evaluations"]["full"]["metrics"] == b["evaluations"]["full"]["metrics"]
     assert a["train"]["losses"] == b["train"]["losses"]
+    # one architecture compared across two runs (a suite and its ablation): A from the first run
+    (run_a,), (run_b,) = (tmp_path / "a").glob("*/"), (tmp_path / "b").glob("*/")
+    cmp = json.loads(invoke(["compare", str(run_a), str(run_b), "--arch", "sw", "--json"]).output)
+    assert (cmp["a"], cmp["b"]) == (f"sw ({run_a.name})", f"sw ({run_b.name})")
+    assert [r["ratio"] for r in cmp["final"]] == [1.0] * 5 and cmp["final"][0]["verdict"] == "inside the noise"
+    res = CliRunner().invoke(make_cli(), ["compare", str(run_a), "--arch", "sw", "--arch", "sw"])
+    assert res.exit_code != 0 and "give two runs (a suite and its ablation)" in res.output
 
 
 def test_two_seeds_aggregate(tmp_path):

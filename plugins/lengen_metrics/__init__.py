@@ -15,5 +15,7 @@ def lengen_register_metrics(registry):
                  description="Recall accuracy by distance to the answer's last statement, within and beyond W")
     registry.add("excess", "lengen_metrics.core:ExcessLoss",
                  description="Excess NLL over the Bayes-optimal predictor (synthetic data)")
+    registry.add("bpc", "lengen_metrics.core:BitsPerCharacter",
+                 description="Bits per character (char tokenizers) or per byte (byte tokenizers) at k x W and overall")
     registry.add("unigram", "lengen_metrics.core:UnigramReference",
                  description="Perplexity of a unigram model fit on the training split, as a reference")

@@ -9,6 +9,8 @@ over sequences; accuracies use Wilson intervals over answers.
 from __future__ import annotations
 
 import numpy as np
+from dataclasses import replace
+
 from pydantic import Field
 
 from lengen.api import Metric, MetricConfig, MetricContext, OutputSpec, PlotSpec, Scores, Series, Value
@@ -272,4 +274,54 @@ class UnigramReference(Metric):
             out[f"ppl_unigram@{ctx.label(k)}"] = bootstrap_ppl(
                 uni[:, c].sum(1), np.full(len(uni), c.stop - c.start), **_boot_kwargs(ctx, i))
         out["ppl_unigram"] = bootstrap_ppl(uni.sum(1), np.full(len(uni), scores.length), **_boot_kwargs(ctx, 99))
+        return out
+
+
+class BitsPerCharacter(Metric):
+    """Bits per character (character-level tokenizers) or per byte (byte-level ones) at k x W
+    and over whole sequences: the NLL in bits of a bucket's tokens divided by the characters
+    (bytes) those tokens encode, pooled over sequences, with the same bootstrap as ``ppl``.
+
+    The dataset tells the unit: :meth:`annotate` reads ``corpus.tokenizer["kind"]`` (the
+    ``text`` datasets' ``char`` or ``byte``) and counts each token as one character (byte),
+    except the document separator, which encodes none. For other tokenizers (BPE, word-level,
+    the synthetic language) the metric is skipped. Without separators, ``bpc@kW`` is exactly
+    ``log2(ppl@kW)``, interval included."""
+
+    requires = ("text_units",)
+    perfect = {"bpc@1W": 0.0, "bpc": 0.0}
+    outputs = (
+        OutputSpec("bpc@*W", better="lower", leaderboard=True, table="all", checkpoint=True, header="bpc {x}",
+                   digits=3, note="bpc kW: bits per character (per byte for a byte tokenizer) of the same bucket."),
+        OutputSpec("bpc", better="lower", leaderboard=True, checkpoint=True, digits=3),
+    )
+    UNIT_KINDS = ("char", "byte")
+
+    def annotate(self, corpus, sequences, config):
+        """``text_units``: characters (bytes) each evaluation token encodes, for char- and
+        byte-level tokenizers only."""
+        tok = corpus.tokenizer or {}
+        if tok.get("kind") not in self.UNIT_KINDS:
+            return {}
+        units = np.ones(sequences.shape, np.float32)
+        if tok.get("separator_id") is not None:
+            units[sequences == tok["separator_id"]] = 0.0
+        units[:, 0] = 0.0  # the first token is context only
+        return {"text_units": units}
+
+    def example_inputs(self, n, length, rng):
+        return {"text_units": np.ones((n, length), np.float32)}, {}
+
+    def compute(self, scores: Scores, config: MetricConfig, ctx: MetricContext):
+        bits = scores.nll / np.log(2.0)
+        units = scores.annotations["text_units"].astype(np.float64)
+        out: dict = {}
+
+        def value(cols, salt):  # the salts of ppl@kW and ppl: the same resamples
+            v = bootstrap_mean(bits[:, cols].sum(1), units[:, cols].sum(1), **_boot_kwargs(ctx, salt))
+            return replace(v, bounds=(0.0, None))
+
+        for i, k in enumerate(ctx.positions):
+            out[f"bpc@{ctx.label(k)}"] = value(_bucket_columns(k, ctx, scores.length), i)
+        out["bpc"] = value(slice(None), 200)
         return out
