@@ -19,10 +19,10 @@ reads it). The policies that choose k_b from ``choices`` (default 1, 2, 4):
 - ``fixed``: every mini-batch gets ``k``;
 - ``adaptive``: a signal of mini-batch b against thresholds. ``inner_loss`` (default): the
   layer's own inner loss on b at W_b, already computed by the read (no extra products), so
-  each layer chooses for itself; ``entropy``: the mean predictive entropy of the model over
-  b's tokens (the seed's signal: the whole stack must advance one mini-batch at a time, which
-  this model always does, and k_b is shared by all layers). The thresholds are percentiles
-  of the signal on calibration sequences from the training split, set by
+  each layer chooses for itself while it runs over a whole call; ``entropy``: the mean
+  predictive entropy of the model over b's tokens (the seed's signal: then the whole stack
+  advances one mini-batch at a time, and k_b is shared by all layers). The thresholds are
+  percentiles of the signal on calibration sequences from the training split, set by
   ``AdaptiveTTT.calibrate`` before evaluation and frozen, aiming at the target ``mix``;
 - ``random``: k drawn at random with the mix the adaptive policy reached on the calibration
   split (the same mean k): the control that says whether the signal matters. The draw is a
@@ -55,14 +55,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from lengen.api import Architecture, BuildContext, Output, ParamGroup
 from lengen.nn import RMSNorm, SwiGLU, init_weights
 
 from .model import INNER_LN_EPS, QKV, CausalConv, Readout, TTTConfig, TTTLayer, gelu, rest_flops
 
-POLICIES = ("fixed", "adaptive", "random", "oracle")
 EVALUATE = ("fixed-1", "fixed-2", "fixed-4", "adaptive", "random", "oracle")
 
 
@@ -340,6 +338,19 @@ class AdaptiveBlock(nn.Module):
         return x + self.mlp(self.ffn_norm(x)), st, info
 
 
+def _pick(trees, pick):
+    """Row i of the result from ``trees[pick[i]]`` (nests of tuples, lists, dicts and tensors
+    whose first dimension is the stream; other leaves are equal in every tree)."""
+    first = trees[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(trees)[pick, torch.arange(len(pick), device=pick.device)]
+    if isinstance(first, dict):
+        return {n: _pick([t[n] for t in trees], pick) for n in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_pick(list(ts), pick) for ts in zip(*trees))
+    return first
+
+
 HASH_M = 2 ** 31 - 1
 
 
@@ -510,9 +521,7 @@ class AdaptiveTTTLM(nn.Module):
             pick = torch.bucketize(benefit.contiguous(), self.thresholds[0].to(benefit), right=True)
         else:  # never calibrated: the best choice
             pick = losses.argmin(1)
-        rows = torch.arange(B, device=ids.device)
-        out, layers, info = tree_map(
-            lambda *ts: torch.stack(ts)[pick, rows] if isinstance(ts[0], torch.Tensor) else ts[0], *cands)
+        out, layers, info = _pick(cands, pick)
         k = self.choices.to(ids.device)[pick]
         layers = [{**st, "read_benefit": benefit} for st in layers]
         for inf in info:
