@@ -283,19 +283,22 @@ class AdaptiveLayer(TTTLayer):
     def first_step(self, st: dict) -> list:
         """The weights after one step on the finished mini-batch (its gradients are kept)."""
         done = st["done"]
-        x2 = self.flat(done["x2"]) if "x2" in done else None
-        fast = inner_step(self.fast_weights(st, done["xk"].shape[0]), self.flat(done["xk"]).float(), x2,
-                          [self.flat(g) for g in done["lgs"]], self.scales()[-1])
+        with torch.autocast(done["xk"].device.type, enabled=False):
+            x2 = self.flat(done["x2"]) if "x2" in done else None
+            fast = inner_step(self.fast_weights(st, done["xk"].shape[0]), self.flat(done["xk"]).float(), x2,
+                              [self.flat(g) for g in done["lgs"]], self.scales()[-1])
         return [w.view(-1, self.H, *w.shape[1:]) for w in fast]
 
     def extra_step(self, fast: list, done: dict) -> list:
         """One more step from ``fast`` [B', H, ...] on the finished mini-batch ``done`` (its rows)."""
         B = fast[0].shape[0]
-        w = [self.flat(t) for t in fast]
-        xk = self.flat(done["xk"]).float()
-        lgs, x2, _ = key_gradients(w, xk, self.flat(done["tgt"]).float(), self.flat(done["lr"]).float()[..., None],
-                                   *self.affine(B))
-        return [t.view(B, self.H, *t.shape[1:]) for t in inner_step(w, xk, x2, lgs, self.scales()[-1])]
+        with torch.autocast(fast[0].device.type, enabled=False):
+            w = [self.flat(t) for t in fast]
+            xk = self.flat(done["xk"]).float()
+            lgs, x2, _ = key_gradients(w, xk, self.flat(done["tgt"]).float(),
+                                       self.flat(done["lr"]).float()[..., None], *self.affine(B))
+            fast = inner_step(w, xk, x2, lgs, self.scales()[-1])
+        return [t.view(B, self.H, *t.shape[1:]) for t in fast]
 
     def update(self, st: dict, k) -> dict:
         """Apply the finished mini-batch's update with k [B] steps per stream."""
