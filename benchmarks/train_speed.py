@@ -14,6 +14,7 @@ minor page faults the process took during a step (memory the allocator had to ge
     python benchmarks/train_speed.py --rounds 20 --json
     python benchmarks/train_speed.py --eval-lengths 64,256,1024,4096   # also: forward cost per token vs L
     python benchmarks/train_speed.py --archs ttt-mlp --profile 10      # torch.profiler table of 10 steps
+    python benchmarks/train_speed.py --archs ttt-linear,adaptive-ttt,sw  # any registered architecture
 
 ``--eval-lengths`` adds a second table: evaluation (no_grad, batch 1, one call over L tokens)
 microseconds per token at each length, interleaved the same way: flat in L for TTT and for
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lengen import allocator
-from lengen.api import BuildContext
+from lengen.api import BuildContext, as_output
 from lengen.nn import RMSNorm, SwiGLU, init_weights
 from lengen.plugins import PluginHost
 from lengen.train import count_params
@@ -123,7 +124,7 @@ class Runner:
         self.i += 1
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        logits, _ = self.model(batch[:, :-1])
+        logits = as_output(self.model(batch[:, :-1])).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss.backward()
         self.opt.step()

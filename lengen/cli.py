@@ -158,7 +158,8 @@ def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, resu
     from lengen.leaderboard import render, rows_from_records
     from lengen.results import read_record
 
-    records = [r for r in (read_record(outcome.run_dir / j["record"]) for j in outcome.jobs if j["record"]) if r]
+    paths = [p for j in outcome.jobs for p in (j.get("records") or ([j["record"]] if j["record"] else []))]
+    records = [r for r in (read_record(outcome.run_dir / p) for p in paths) if r]  # every variant's row
     out = Console()
     if records:
         render(rows_from_records(records), "table", out)

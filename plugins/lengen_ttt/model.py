@@ -775,3 +775,42 @@ class TTT(Architecture):
             leaf = name.rsplit(".", 1)[-1]
             (decay if leaf in ("weight", "W1", "W2") and "norm" not in name else no_decay).append(p)
         return [ParamGroup(decay, name="decay"), ParamGroup(no_decay, name="no_decay", weight_decay=0.0)]
+
+    def flops_per_token(self, model: TTTLM, config: TTTConfig, seq_len: int) -> dict:
+        """Analytic: the FLOP counter cannot see the compiled CPU kernels. ``inner_loop``: the
+        dual-form blocks' products as the torch code computes them (the kernels skip some of
+        the causal zeros, so they do a little less), blocks of ``block`` tokens (evaluation
+        chunks that are multiples of it); ``rest``: projections, gate, conv, SwiGLU and head."""
+        layer = model.blocks[0].ttt
+        H, d, K = layer.H, layer.d, layer.K
+        h = layer.W1.shape[-1]
+        inner = 0
+        for a in range(0, seq_len, layer.block):
+            S = min(layer.block, seq_len - a)
+            inner += H * block_flops(S, K, d, h, config.inner)
+        return {"inner_loop": len(model.blocks) * inner / seq_len,
+                "rest": float(rest_flops(config, model.head.weight.shape[0]))}
+
+
+def block_flops(S: int, K: int, d: int, h: int, inner: str) -> int:
+    """Matrix-multiply FLOPs of one head's dual-form block of S tokens (``LinearBlock`` /
+    ``MLPBlock``'s torch code; the [2S x S] coefficient masks, a matrix-vector product per
+    call, are not counted, as the FLOP counter does not count them)."""
+    full = S // K * K
+    sizes = [min(K, S - i) for i in range(0, S, K)]  # the mini-batches
+    if inner == "linear":
+        scan = sum(2 * k * i * K * d for i, k in enumerate(sizes))  # the keys read the earlier mini-batches' steps
+        return 4 * S * d * d + 4 * S * S * d + scan + 2 * S * S * d + 2 * full * d * d
+    scan = sum(2 * k * i * K * h + 4 * k * h * d + (2 * K * h * d if k == K else 0) for i, k in enumerate(sizes))
+    return 4 * S * d * h + 4 * S * S * d + scan + 4 * S * S * h + 2 * S * h * d + 2 * S * S * d + 2 * full * d * h
+
+
+def rest_flops(cfg: TTTConfig, vocab: int) -> int:
+    """Per token, every product outside the inner loop: the projections, gate, conv, SwiGLU
+    of each block, and the head."""
+    size = cfg.size()
+    D, H = size["d_model"], size["n_heads"]
+    layer = 2 * D * (3 * D + H) + 2 * D * D + 6 * D * size["d_ff"]
+    layer += 2 * D * D if cfg.use_gate else 0
+    layer += 2 * D * cfg.conv_kernel if cfg.pre_conv else 0
+    return size["n_layers"] * layer + 2 * D * vocab
