@@ -8,6 +8,7 @@ reach through the click context. Options several commands share are defined once
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -49,6 +50,15 @@ def _stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def _table_console():
+    """Where result tables go: the terminal's width, or 200 columns when stdout is a file or
+    pipe (a log is read in an editor, not wrapped at 80)."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal or "COLUMNS" in os.environ else Console(width=200)
 
 
 def _show_warnings():
@@ -160,7 +170,7 @@ def run(archs, benchmark, overrides, benchmarks_file, seeds, steps, window, resu
 
     paths = [p for j in outcome.jobs for p in (j.get("records") or ([j["record"]] if j["record"] else []))]
     records = [r for r in (read_record(outcome.run_dir / p) for p in paths) if r]  # every variant's row
-    out = Console()
+    out = _table_console()
     if records:
         render(rows_from_records(records), "table", out)
         archs_run = list(dict.fromkeys(r["arch"] for r in records))
@@ -193,7 +203,7 @@ def leaderboard(benchmark, sort_key, fmt, results_dir):
             return
         from rich.console import Console
 
-        render(rows, fmt, Console())
+        render(rows, fmt, _table_console())
         _print_unfinished(results_dir, benchmark)
     else:
         click.echo(render(rows, fmt), nl=False)

@@ -359,8 +359,12 @@ def _rich_table(rows: list[dict], width: int = 200):
     headers = [{"n_seeds": "n"}.get(key, header) for header, key in cols]
     widths = [max([len(h)] + [len(_plain(line)) for c in body for line in c[i].splitlines()])
               for i, h in enumerate(headers)]
-    if sum(widths) + len(widths) + 2 > width:
-        # too wide for this terminal: one row per metric, one column per architecture
+    rows_wide = sum(widths) + len(widths) + 2
+    cols_wide = (max(len(h) for h in headers) + 1
+                 + sum(max(len(_plain(" ".join(c[:1]))), *(len(_plain(x.replace("\n", " "))) for x in c[1:])) + 1
+                       for c in body))
+    if rows_wide > width and cols_wide < rows_wide:
+        # too wide for this terminal and narrower turned: one row per metric, one column per architecture
         table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", caption=table.caption,
                       caption_justify="left")
         table.add_column("")

@@ -251,6 +251,18 @@ def test_data_dependent_flops_follow_the_per_token_k():
     assert stat.shape == (6, 16)
 
 
+def test_only_the_adaptive_policy_pays_the_entropy_probe():
+    """The entropy signal's probe is charged to the policy that reads it, not to fixed,
+    random or oracle evaluated beside it."""
+    arch = AdaptiveTTT()
+    for policy, probed in (("adaptive", True), ("fixed", False), ("random", False), ("oracle", False)):
+        model = build(policy=policy, signal="entropy")
+        parts = arch.flops_per_token(model, model.cfg, 32)
+        assert ("probe" in parts) is probed, policy
+        if probed:
+            assert parts["probe"] == 5.0 * VOCAB
+
+
 # ---------------------------------------------------------------------------------------
 # configuration and the report of a run
 
@@ -306,14 +318,15 @@ calibration_rounds = 1
                                    "--no-check", "--no-plot"])
     assert res.exit_code == 0, res.output
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    report = json.loads((run / "adaptive_report.json").read_text())
+    report = json.loads((run / "adaptive_adaptive-ttt_seed0_report.json").read_text())
     assert [v["variant"] for v in report["variants"]] == ["fixed-1", "fixed-4", "adaptive", "random", "oracle"]
     rows = {v["variant"]: v for v in report["variants"]}
     assert rows["fixed-1"]["flops_per_token"] < rows["adaptive"]["flops_per_token"] < rows["fixed-4"]["flops_per_token"]
     assert 0 < rows["fixed-4"]["inner_share"] < 1 and rows["fixed-4"]["k_mix"] == [0.0, 0.0, 1.0]
     assert {"adaptive_vs_fixed-4", "random_vs_fixed-4", "adaptive_vs_random", "recovery"} <= set(report["comparisons"])
-    assert (run / "adaptive_pareto.png").stat().st_size > 0 and (run / "adaptive_allocation.png").stat().st_size > 0
-    assert "recovery ratio" in (run / "adaptive_report.md").read_text()
+    for plot in ("pareto", "allocation"):
+        assert (run / f"adaptive_adaptive-ttt_seed0_{plot}.png").stat().st_size > 0
+    assert "recovery ratio" in (run / "adaptive_adaptive-ttt_seed0_report.md").read_text()
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(cli, ["adaptive-report", str(tmp_path / "empty")])
     assert res.exit_code == 1 and "no adaptive-ttt variants" in res.output

@@ -656,7 +656,7 @@ class AdaptiveTTT(Architecture):
         """``inner_read`` (the dual-form read), ``inner_steps`` (the updates at the k evaluation
         used at each mini-batch index, tallied from the model's per-token k; before any
         evaluation, the k the policy aims at), ``probe`` (the entropy signal's elementwise
-        work, 5 per vocabulary entry), ``rest``."""
+        work, 5 per vocabulary entry, for the adaptive policy, the one that reads it), ``rest``."""
         flops = adaptive_inner_flops(config)
         n = len(model.blocks)
         K = config.mini_batch
@@ -671,7 +671,7 @@ class AdaptiveTTT(Architecture):
             steps += float(np.sum(flops["first"] + (k - 1) * flops["extra"]))
         parts = {"inner_read": float(n * flops["read"]), "inner_steps": steps / seq_len,
                  "rest": float(rest_flops(config, vocab))}
-        if config.signal == "entropy":
+        if config.signal == "entropy" and model.policy == "adaptive":  # the other policies read no signal
             parts["probe"] = 5.0 * vocab
         return parts
 

@@ -7,15 +7,15 @@ sequence, the summed NLL over all L positions (paired comparisons: every variant
 sequences) and the per-token statistics the model reports (``k_l<i>``, ``signal_l<i>``,
 ``inner_flops``).
 
-- ``adaptive_report.json`` / ``.md``: per variant, perplexity of all L tokens with its
+- ``adaptive_<model>_seed<s>_report.json`` / ``.md``: per variant, perplexity of all L tokens with its
   bootstrap interval, FLOPs per token at L (``cost.flops_by_length``, its inner-loop part
   apart) with an interval over sequences, the mean k and the k mix reached, microseconds per
   token; then, by paired bootstrap over sequences: the FLOPs saving and perplexity change of
   adaptive and of random against fixed-4, adaptive against random, and the recovery ratio
   ``(ppl_random - ppl_adaptive) / (ppl_random - ppl_oracle)``.
-- ``adaptive_pareto.png``: perplexity (interval bars) against FLOPs per token, one point per
+- ``adaptive_<model>_seed<s>_pareto.png``: perplexity (interval bars) against FLOPs per token, one point per
   policy; adaptive and random at each target mix as curves.
-- ``adaptive_allocation.png``: the share of each k, overall, by position relative to W and
+- ``adaptive_<model>_seed<s>_allocation.png``: the share of each k, overall, by position relative to W and
   by decile of the signal (adaptive, random, oracle).
 """
 
@@ -325,8 +325,7 @@ def write_reports(record_paths, out_dir: Path | None = None) -> list[Path]:
         folder = Path(out_dir) if out_dir else Path(group["run_dir"])
         folder.mkdir(parents=True, exist_ok=True)
         stem = "adaptive" if out_dir is None else f"adaptive_{group['run_dir'].name}"
-        suffix = "" if group["seed"] == 0 and group["name"] == "adaptive-ttt" else f"_{group['name']}_seed{group['seed']}"
-        base = folder / f"{stem}{suffix}"
+        base = folder / f"{stem}_{group['name']}_seed{group['seed']}"  # one set per model and seed
         Path(f"{base}_report.json").write_text(json.dumps(report, indent=1))
         Path(f"{base}_report.md").write_text(markdown(report))
         written += [Path(f"{base}_report.json"), Path(f"{base}_report.md"),
