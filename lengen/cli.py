@@ -254,7 +254,7 @@ def status(results, results_dir, watch, as_json):
         return
     from rich.console import Console
 
-    show(results_dir, Console(), watch)
+    show(results_dir, _table_console(), watch)
 
 
 @click.command()
