@@ -398,13 +398,14 @@ def add_baseline_ratios(evals: dict[str, ModeEval], baseline: str, mctx: MetricC
     base = evals.get(baseline)
     if base is None or base.scores.nll is None:
         return
+    a = position_sums(base.scores, mctx)
     for mode, ev in evals.items():
         if mode == baseline or ev.scores.nll is None:
             continue
-        a, b = position_sums(base.scores, mctx), position_sums(ev.scores, mctx)
+        b = position_sums(ev.scores, mctx)
         for i, k in enumerate(mctx.positions):
-            n = np.full(len(a), bucket_columns(k, mctx, base.scores.length).stop
-                        - bucket_columns(k, mctx, base.scores.length).start)
+            c = bucket_columns(k, mctx, base.scores.length)
+            n = np.full(len(a), c.stop - c.start)
             ev.metrics[f"ratio_{baseline}@{mctx.label(k)}"] = bootstrap_ppl_ratio(
                 a[:, i], n, b[:, i], n, samples=mctx.bootstrap, confidence=mctx.confidence, seed=mctx.seed + 700 + i)
 

@@ -252,23 +252,22 @@ def job_cost(ctx: RunContext, arch, config, model, params: int, result, evals: d
 
     W = ctx.suite.window
     chunk = ctx.suite.eval.chunk or W
-    by_length = []
-    method = "analytic"
-    for k in ctx.suite.eval.positions:
-        L = max(1, int(round(k * W)))
+    methods = set()
+
+    def at(L: int) -> dict:
+        """FLOPs per token at length L: the architecture's own count, else the FLOP counter's."""
         flops = arch.flops_per_token(model, config, L)
         if flops is None:
-            method = "flop_counter"
+            methods.add("flop_counter")
             flops = measure.flops_per_token(model, arch, L, ctx.corpus.vocab_size, ctx.accelerator.device,
                                             chunk=chunk if arch.stateful else None)
         parts = dict(flops) if isinstance(flops, dict) else {}
-        by_length.append({"multiple": k, "length": L, "per_token": float(sum(parts.values()) if parts else flops),
-                          **({"parts": parts} if parts else {})})
-    at_w = next((f["per_token"] for f in by_length if f["length"] == W), None)
-    if at_w is None:
-        f = arch.flops_per_token(model, config, W)
-        at_w = (float(sum(f.values())) if isinstance(f, dict) else f) if f is not None else \
-            measure.flops_per_token(model, arch, W, ctx.corpus.vocab_size, ctx.accelerator.device)
+        return {"length": L, "per_token": float(sum(parts.values()) if parts else flops),
+                **({"parts": parts} if parts else {})}
+
+    by_length = [{"multiple": k, **at(max(1, int(round(k * W))))} for k in ctx.suite.eval.positions]
+    at_w = (next((f for f in by_length if f["length"] == W), None) or at(W))["per_token"]
+    method = "flop_counter" if methods else "analytic"
     first = next(iter(evals.values())).info
     chunked = f", stateful models in chunks of {first['chunk']}" if first.get("chunk") else ""
     return {"params": params, "flops_per_token": at_w, "flops_method": method, "flops_length": W,

@@ -123,8 +123,9 @@ def mark_overlaps(rows: list[dict]) -> None:
     for grp in _groups(rows):
         if len(grp) < 2:
             continue
+        specs = group_specs(grp)
         for k in sorted({k for r in grp for k in _cells(r)}):
-            spec = spec_for(k, group_specs(grp))
+            spec = spec_for(k, specs)
             if spec is None or spec.better is None:
                 continue
             cells = [(r, r[k]) for r in grp if isinstance(r.get(k), dict) and r[k].get("value") is not None]

@@ -10,6 +10,8 @@ given the targets), a progress callback.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -421,7 +423,7 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
             if save_dir is not None and (info["stop"] or (every and done % every == 0 and done < spec.steps)):
                 save()
             if info["stop"]:
-                interrupt.raise_for(interrupt.requested() or __import__("signal").SIGTERM)
+                interrupt.raise_for(interrupt.requested() or signal.SIGTERM)
     if save_dir is not None and every and resumed_from[-1:] != [trainer.done]:
         save()  # the trained model: a job interrupted during evaluation resumes from here
     wall = wall_before + time.perf_counter() - start
@@ -457,8 +459,5 @@ def train(model: torch.nn.Module, arch: Architecture, arch_config: ArchConfig, t
 def _fault_at_step(step: int) -> None:
     """Fault injection for the resume tests: ``LENGEN_FAULT=kill-at-step@<n>`` kills the
     process (SIGKILL) right after optimizer step n."""
-    import os
-    import signal
-
     if os.environ.get("LENGEN_FAULT") == f"kill-at-step@{step}":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -57,9 +57,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lengen.api import Architecture, BuildContext, Output, ParamGroup
-from lengen.nn import RMSNorm, SwiGLU, init_weights
+from lengen.nn import RMSNorm, init_weights
 
-from .model import INNER_LN_EPS, QKV, CausalConv, Readout, TTTConfig, TTTLayer, gelu, rest_flops
+from .model import INNER_LN_EPS, QKV, Block, Readout, TTTConfig, TTTLayer, gelu, rest_flops
 
 EVALUATE = ("fixed-1", "fixed-2", "fixed-4", "adaptive", "random", "oracle")
 
@@ -319,16 +319,11 @@ class AdaptiveLayer(TTTLayer):
         return out
 
 
-class AdaptiveBlock(nn.Module):
+class AdaptiveBlock(Block):
     """``model.Block`` with the adaptive layer (the same parameter names)."""
 
     def __init__(self, cfg: AdaptiveTTTConfig, size: dict):
-        super().__init__()
-        self.conv = CausalConv(size["d_model"], cfg.conv_kernel) if cfg.pre_conv else None
-        self.seq_norm = RMSNorm(size["d_model"])
-        self.ttt = AdaptiveLayer(cfg, size)
-        self.ffn_norm = RMSNorm(size["d_model"])
-        self.mlp = SwiGLU(size["d_model"], size["d_ff"])
+        super().__init__(cfg, size, layer=AdaptiveLayer)
 
     def forward(self, x, st: dict, pos: int, choose=None):
         if self.conv is not None:
@@ -408,12 +403,7 @@ class AdaptiveTTTLM(nn.Module):
             logits, layers, stream, infos = self.forward_synchronous(x, input_ids, layers, stream, pos)
         else:
             hashes, stream = self.hashes(input_ids, stream, pos)
-            infos, new = [], []
-            for l, (blk, st) in enumerate(zip(self.blocks, layers)):
-                x, st, info = blk(x, st, pos, lambda signal, b, l=l: self.choose(signal, b, l, hashes))
-                new.append(st)
-                infos.append(info)
-            logits, layers = self.head(self.norm(x)), new
+            logits, layers, infos = self.stack(x, layers, pos, hashes)
         stats = self.token_stats(infos, pos) if not self.training else {}
         decisions = [{"signal": torch.stack([d[0] for d in ds], 1).detach(), "k": torch.stack([d[1] for d in ds], 1)}
                      for ds in zip(*[info["decisions"] for info in infos])]
@@ -458,10 +448,13 @@ class AdaptiveTTTLM(nn.Module):
                   for l in range(len(self.blocks))]
         return torch.cat(logits, 1), layers, stream, merged
 
-    def stack(self, x, layers, pos):
+    def stack(self, x, layers, pos, hashes=None):
+        """Every block over ``x``; with ``hashes``, each layer chooses its own k (as each of its
+        mini-batches completes), else the caller decides them."""
         new, infos = [], []
-        for blk, st in zip(self.blocks, layers):
-            x, st, info = blk(x, st, pos)
+        for l, (blk, st) in enumerate(zip(self.blocks, layers)):
+            choose = None if hashes is None else (lambda signal, b, l=l: self.choose(signal, b, l, hashes))
+            x, st, info = blk(x, st, pos, choose)
             new.append(st)
             infos.append(info)
         return self.head(self.norm(x)), new, infos

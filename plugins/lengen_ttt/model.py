@@ -710,11 +710,11 @@ class CausalConv(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TTTConfig, size: dict):
+    def __init__(self, cfg: TTTConfig, size: dict, layer: type | None = None):
         super().__init__()
         self.conv = CausalConv(size["d_model"], cfg.conv_kernel) if cfg.pre_conv else None
         self.seq_norm = RMSNorm(size["d_model"])
-        self.ttt = TTTLayer(cfg, size)
+        self.ttt = (layer or TTTLayer)(cfg, size)
         self.ffn_norm = RMSNorm(size["d_model"])
         self.mlp = SwiGLU(size["d_model"], size["d_ff"])
 
